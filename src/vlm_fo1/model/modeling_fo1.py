@@ -1,0 +1,267 @@
+"""``FO1ForConditionalGeneration``: a base VLM that reads one region token per candidate box.
+
+The forward pass is a pipeline of named steps:
+
+1. ``encode_images``: the base ViT runs once; it yields the LLM's image tokens and, captured on
+   the way, the hidden states of the chosen ViT blocks as raster maps.
+2. ``encode_regions``: the auxiliary encoder's maps and the ViT maps are pooled per box by the
+   hybrid region encoder, then projected to the LLM width by the connector.
+3. ``splice_regions``: each ``<regionfeat>`` placeholder's embedding is replaced by its box's
+   region token (the k-th placeholder of a sample gets its k-th box).
+4. the stock base forward, with the ready input embeddings and the pre-encoded image; image
+   tokens keep their 3-D M-RoPE positions, region tokens are ordinary text positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+
+from vlm_fo1.config import FO1Config
+from vlm_fo1.model.adapters import ImageEncoding, get_adapter
+from vlm_fo1.model.aux_encoder import aux_feature_geometry, build_aux_encoder, encode_aux
+from vlm_fo1.model.region_encoder import HybridRegionEncoder, build_connector
+
+# Inputs used only when the prompt is first processed (dropped on cached decoding steps).
+REGION_INPUT_NAMES = ("aux_pixel_values", "region_boxes_vit", "region_boxes_aux", "region_counts")
+
+
+class FO1PreTrainedModel(PreTrainedModel):
+    config: FO1Config
+    config_class = FO1Config
+    base_model_prefix = "fo1"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
+    """A base VLM (``vlm``) plus auxiliary encoder, hybrid region encoder and connector."""
+
+    def __init__(self, config: FO1Config) -> None:
+        super().__init__(config)
+        self.adapter = get_adapter(config.base_config.model_type)
+        self.vlm = self.adapter.build(config.base_config)
+        aux_channels: list[int] = []
+        aux_strides: list[float] = []
+        self.aux_encoder = build_aux_encoder(config) if config.uses_aux_regions else None
+        if self.aux_encoder is not None:
+            aux_channels, aux_strides = aux_feature_geometry(self.aux_encoder)
+        vit_channels = 0
+        if config.uses_vit_regions:
+            vit_channels = self.adapter.vit_hidden_size(config.base_config) * len(config.feature_blocks)
+        self.region_encoder = HybridRegionEncoder(
+            vit_channels=vit_channels,
+            aux_channels=aux_channels,
+            aux_strides=aux_strides,
+            use_simple_fpn=config.use_simple_fpn,
+            fpn_channels=config.fpn_channels,
+            roi_output_size=config.roi_output_size,
+            roi_sampling_ratio=config.roi_sampling_ratio,
+            roi_aligned=config.roi_aligned,
+            use_position_embedding=config.use_position_embedding,
+            region_layer_norm=config.region_layer_norm,
+        )
+        self.connector = build_connector(
+            config.connector_type, self.region_encoder.output_dim, config.text_config.hidden_size
+        )
+        self.post_init()
+
+    # -- embeddings (delegated to the base VLM) ----------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vlm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.vlm.get_output_embeddings()
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """Resize the base VLM's vocabulary (after adding tokens to the tokenizer)."""
+        return self.vlm.resize_token_embeddings(*args, **kwargs)
+
+    # -- pipeline steps ------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> ImageEncoding:
+        """Run the base ViT once; also capture the region-feature blocks when the config uses them."""
+        blocks = self.config.feature_blocks if self.config.uses_vit_regions else []
+        return self.adapter.encode_images(self.vlm, pixel_values, image_grid_thw, blocks)
+
+    def encode_regions(
+        self,
+        encoding: ImageEncoding,
+        aux_pixel_values: torch.Tensor | None,
+        region_boxes_vit: torch.Tensor,
+        region_boxes_aux: torch.Tensor,
+        region_counts: torch.Tensor,
+        image_index: list[int],
+    ) -> torch.Tensor:
+        """Region tokens of every box of every sample, in order: ``(Σ region_counts, D_llm)``.
+
+        Args:
+            encoding: output of ``encode_images`` for the batch's images.
+            aux_pixel_values: ``(num_images, 3, H, W)`` auxiliary-encoder inputs.
+            region_boxes_vit: ``(B, N_max, 4)`` xyxy boxes in ViT-input pixels (padded).
+            region_boxes_aux: ``(B, N_max, 4)`` xyxy boxes in auxiliary-input pixels (padded).
+            region_counts: ``(B,)`` number of valid boxes per sample.
+            image_index: for each sample, the index of its image in the batch's images (or -1).
+        """
+        aux_levels = None
+        if self.aux_encoder is not None:
+            if aux_pixel_values is None:
+                raise ValueError("this model's region encoder needs aux_pixel_values, got None")
+            aux_levels = encode_aux(self.aux_encoder, aux_pixel_values)
+        pooled = []
+        for sample, count in enumerate(region_counts.tolist()):
+            if count == 0:
+                continue
+            img = image_index[sample]
+            if img < 0:
+                raise ValueError(f"sample {sample} has {count} region boxes but no image")
+            vit_map = encoding.feature_maps[img] if encoding.feature_maps else None
+            pooled.append(
+                self.region_encoder(
+                    vit_features=vit_map.features if vit_map is not None else None,
+                    vit_stride=vit_map.stride if vit_map is not None else 1.0,
+                    vit_frame=encoding.frames[img],
+                    vit_boxes=region_boxes_vit[sample, :count],
+                    aux_levels=[level[img] for level in aux_levels] if aux_levels is not None else None,
+                    aux_boxes=region_boxes_aux[sample, :count],
+                )
+            )
+        regions = torch.cat(pooled, dim=0)  # (ΣN, region width), float32
+        return self.connector(regions.to(self.connector_dtype))
+
+    @property
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
+    def splice_regions(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        region_tokens: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Put the k-th region token of each sample at its k-th ``<regionfeat>`` position.
+
+        Args:
+            input_ids: ``(B, T)``; inputs_embeds: ``(B, T, D)``; region_tokens: ``(ΣN, D)``;
+            counts: ``(B,)`` boxes per sample.
+        """
+        mask = input_ids == self.config.region_feature_token_id  # (B, T)
+        found = mask.sum(dim=1)
+        if not torch.equal(found.cpu(), counts.cpu()):
+            raise ValueError(
+                f"each <regionfeat> placeholder needs one region box: placeholders per sample "
+                f"{found.tolist()}, boxes per sample {counts.tolist()}"
+            )
+        return inputs_embeds.masked_scatter(mask[..., None], region_tokens.to(inputs_embeds.dtype))
+
+    def _image_index(self, input_ids: torch.Tensor) -> list[int]:
+        has_image = (input_ids == self.adapter.image_token_id(self.config.base_config)).any(dim=1).tolist()
+        index, next_image = [], 0
+        for flag in has_image:
+            index.append(next_image if flag else -1)
+            next_image += int(flag)
+        return index
+
+    def _check_no_placeholders(self, input_ids: torch.Tensor | None, cache: Any) -> None:
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if input_ids is None or decoding or self.config.region_feature_token_id is None:
+            return
+        found = int((input_ids == self.config.region_feature_token_id).sum())
+        if found:
+            raise ValueError(
+                f"input_ids hold {found} <regionfeat> placeholders but no region boxes were given"
+            )
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        aux_pixel_values: torch.Tensor | None = None,
+        region_boxes_vit: torch.Tensor | None = None,
+        region_boxes_aux: torch.Tensor | None = None,
+        region_counts: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """Logits (and loss with ``labels``) of the base VLM with region tokens spliced in.
+
+        Args beyond the base VLM's:
+            aux_pixel_values: ``(num_images, 3, H, W)`` auxiliary-encoder inputs.
+            region_boxes_vit / region_boxes_aux: ``(B, N_max, 4)`` padded xyxy boxes in each
+                encoder's input frame.
+            region_counts: ``(B,)`` valid boxes per sample; must equal the number of
+                ``<regionfeat>`` placeholders in each row of ``input_ids``.
+        """
+        encoding = None
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values were given without image_grid_thw")
+            encoding = self.encode_images(pixel_values, image_grid_thw)
+        has_regions = region_counts is not None and int(region_counts.sum()) > 0
+        if has_regions:
+            if input_ids is None:
+                raise ValueError("region inputs need input_ids to locate the <regionfeat> placeholders")
+            if encoding is None:
+                raise ValueError("region inputs need the image (pixel_values and image_grid_thw)")
+            region_tokens = self.encode_regions(
+                encoding,
+                aux_pixel_values,
+                region_boxes_vit,
+                region_boxes_aux,
+                region_counts,
+                self._image_index(input_ids),
+            )
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self.splice_regions(input_ids, inputs_embeds, region_tokens, region_counts)
+        else:
+            self._check_no_placeholders(input_ids, cache)
+        return self.adapter.forward(
+            self.vlm,
+            encoding,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            use_cache=use_cache,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def _prepare_position_ids_for_generation(
+        self, inputs_tensor: torch.Tensor, model_kwargs: dict
+    ) -> torch.Tensor:
+        return self.adapter.prepare_position_ids_for_generation(self.vlm, inputs_tensor, model_kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        first = bool(kwargs.get("is_first_iteration", False))
+        use_cache = kwargs.get("use_cache", True)
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if not first and use_cache:
+            for name in (*REGION_INPUT_NAMES, "pixel_values", "image_grid_thw"):
+                inputs.pop(name, None)
+        return inputs

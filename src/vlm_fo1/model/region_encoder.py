@@ -1,0 +1,201 @@
+"""The hybrid fine-grained region encoder (HFRE): one vector per candidate box.
+
+For each box: RoIAlign over the auxiliary encoder's multi-level maps (all levels resized to the
+finest, concatenated on channels) and over the primary ViT's maps (directly, or through a simple
+feature pyramid), each mean-pooled over the RoI bins; the two are concatenated (aux first), and a
+sine-cosine embedding of the box is added. Official-release.md §2.5 gives the release's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from vlm_fo1.model.simple_fpn import LEVEL_FACTORS, SimpleFeaturePyramid
+
+
+def pool_regions(
+    features: torch.Tensor,
+    boxes: torch.Tensor,
+    spatial_scale: float,
+    output_size: int,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """Mean of RoIAlign bins: ``features (C, H, W)``, ``boxes (N, 4)`` xyxy → ``(N, C)`` in float32.
+
+    ``spatial_scale`` maps box pixels to feature cells (1 / stride).
+    """
+    pooled = roi_align(
+        features[None].float(),
+        [boxes.float()],
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+    )  # (N, C, S, S)
+    return pooled.mean(dim=(2, 3))
+
+
+def box_sine_embedding(boxes: torch.Tensor, frame_size: tuple[int, int], dim: int) -> torch.Tensor:
+    """Sine-cosine embedding of boxes: ``(N, 4)`` xyxy pixels → ``(N, dim)``.
+
+    Boxes are normalised by ``frame_size = (width, height)`` into (cx, cy, w, h). Each scalar
+    ``s`` gets ``D = dim / 4`` components ``sin(2π s / f_i)`` at even ``i`` and ``cos`` at odd
+    ``i``, with ``f_i = 10000 ** (2 * (i // 2) / D)``; blocks are concatenated in the order
+    cy, cx, w, h (the release's order).
+    """
+    if dim % 4:
+        raise ValueError(f"position embedding width must be divisible by 4, got {dim}")
+    width, height = frame_size
+    b = boxes.float()
+    cx = (b[:, 0] + b[:, 2]) / 2 / width
+    cy = (b[:, 1] + b[:, 3]) / 2 / height
+    w = (b[:, 2] - b[:, 0]) / width
+    h = (b[:, 3] - b[:, 1]) / height
+    quarter = dim // 4
+    i = torch.arange(quarter, device=b.device, dtype=torch.float32)
+    freq = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / quarter)  # (D,)
+    even = (torch.arange(quarter, device=b.device) % 2) == 0
+
+    def embed(s: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, D)
+        angle = 2 * math.pi * s[:, None] / freq
+        return torch.where(even, angle.sin(), angle.cos())
+
+    return torch.cat([embed(cy), embed(cx), embed(w), embed(h)], dim=1)
+
+
+class HybridRegionEncoder(nn.Module):
+    """Pools one feature vector per box from the ViT and auxiliary feature maps.
+
+    Args:
+        vit_channels: channels of the ViT feature map (hidden size × number of blocks), or 0
+            when ViT features are not used.
+        aux_channels: channels of each auxiliary level (empty when not used).
+        aux_strides: input pixels per cell of each auxiliary level.
+        use_simple_fpn / fpn_channels: pyramid on the ViT map.
+        roi_output_size, roi_sampling_ratio, roi_aligned: RoIAlign options.
+        use_position_embedding: add ``box_sine_embedding`` of the ViT-frame boxes.
+        region_layer_norm: LayerNorm each branch's pooled vector.
+    """
+
+    def __init__(
+        self,
+        *,
+        vit_channels: int,
+        aux_channels: Sequence[int],
+        aux_strides: Sequence[float],
+        use_simple_fpn: bool,
+        fpn_channels: int,
+        roi_output_size: int,
+        roi_sampling_ratio: int,
+        roi_aligned: bool,
+        use_position_embedding: bool,
+        region_layer_norm: bool,
+    ) -> None:
+        super().__init__()
+        if len(aux_channels) != len(aux_strides):
+            raise ValueError(f"got {len(aux_channels)} aux channel counts but {len(aux_strides)} strides")
+        self.aux_strides = [float(s) for s in aux_strides]
+        self.roi_output_size = roi_output_size
+        self.roi_sampling_ratio = roi_sampling_ratio
+        self.roi_aligned = roi_aligned
+        self.use_position_embedding = use_position_embedding
+        self.simple_fpn = (
+            SimpleFeaturePyramid(vit_channels, fpn_channels) if vit_channels and use_simple_fpn else None
+        )
+        self.aux_dim = int(sum(aux_channels))
+        if not vit_channels:
+            self.vit_dim = 0
+        else:
+            self.vit_dim = fpn_channels * len(LEVEL_FACTORS) if self.simple_fpn is not None else vit_channels
+        if self.aux_dim + self.vit_dim == 0:
+            raise ValueError("the region encoder needs ViT features, auxiliary features or both")
+        self.aux_region_norm = nn.LayerNorm(self.aux_dim) if region_layer_norm and self.aux_dim else None
+        self.vt_region_norm = nn.LayerNorm(self.vit_dim) if region_layer_norm and self.vit_dim else None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of each region vector (aux + ViT branch)."""
+        return self.aux_dim + self.vit_dim
+
+    def _pool(self, features: torch.Tensor, boxes: torch.Tensor, stride: float) -> torch.Tensor:
+        return pool_regions(
+            features, boxes, 1.0 / stride, self.roi_output_size, self.roi_sampling_ratio, self.roi_aligned
+        )
+
+    def aux_branch(self, levels: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """``levels``: one ``(C_i, H_i, W_i)`` map per level of one image; ``boxes (N, 4)`` aux pixels → ``(N, ΣC_i)``.
+
+        Every level is bilinearly resized to the first level's size and pooled at its stride;
+        pooling level by level gives the same numbers as pooling the channel concatenation.
+        """
+        size = levels[0].shape[-2:]
+        pooled = []
+        for level in levels:
+            if level.shape[-2:] != size:
+                level = F.interpolate(level[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            pooled.append(self._pool(level, boxes, self.aux_strides[0]))
+        out = torch.cat(pooled, dim=1)
+        return self.aux_region_norm(out) if self.aux_region_norm is not None else out
+
+    def vit_branch(self, features: torch.Tensor, stride: float, boxes: torch.Tensor) -> torch.Tensor:
+        """``features (C, H, W)`` at ``stride``; ``boxes (N, 4)`` ViT-input pixels → ``(N, vit_dim)``."""
+        if self.simple_fpn is None:
+            out = self._pool(features, boxes, stride)
+        else:
+            dtype = next(self.simple_fpn.parameters()).dtype
+            levels = self.simple_fpn(features[None].to(dtype))
+            out = torch.cat(
+                [self._pool(lv[0], boxes, stride / f) for lv, f in zip(levels, LEVEL_FACTORS, strict=True)],
+                dim=1,
+            )
+        return self.vt_region_norm(out) if self.vt_region_norm is not None else out
+
+    def forward(
+        self,
+        *,
+        vit_features: torch.Tensor | None,
+        vit_stride: float,
+        vit_frame: tuple[int, int],
+        vit_boxes: torch.Tensor,
+        aux_levels: Sequence[torch.Tensor] | None,
+        aux_boxes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Region vectors of one image: ``(N, output_dim)`` in float32.
+
+        Args:
+            vit_features: ``(C, H, W)`` ViT map (needed when ``vit_dim > 0``).
+            vit_stride: ViT-input pixels per cell.
+            vit_frame: ``(width, height)`` of the ViT input, for the position embedding.
+            vit_boxes: ``(N, 4)`` xyxy in ViT-input pixels.
+            aux_levels: the auxiliary maps of this image, finest first (needed when ``aux_dim > 0``).
+            aux_boxes: ``(N, 4)`` xyxy in auxiliary-input pixels.
+        """
+        parts = []
+        if self.aux_dim:
+            if aux_levels is None or aux_boxes is None:
+                raise ValueError("this region encoder uses auxiliary features, but none were given")
+            parts.append(self.aux_branch(aux_levels, aux_boxes))
+        if self.vit_dim:
+            if vit_features is None:
+                raise ValueError("this region encoder uses ViT features, but none were given")
+            parts.append(self.vit_branch(vit_features, vit_stride, vit_boxes))
+        regions = torch.cat(parts, dim=1).float()
+        if self.use_position_embedding:
+            regions = regions + box_sine_embedding(vit_boxes, vit_frame, regions.shape[1])
+        return regions
+
+
+def build_connector(connector_type: str, in_dim: int, out_dim: int) -> nn.Module:
+    """Region-to-LLM connector: ``mlp2x_gelu`` = Linear-GELU-Linear (keys ``0``, ``2``) or ``linear``."""
+    if connector_type == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if connector_type == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    raise ValueError(f"connector_type must be 'linear' or 'mlp2x_gelu', got {connector_type!r}")
