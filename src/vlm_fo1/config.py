@@ -8,7 +8,7 @@ model's width. Every closed choice is validated here, with a ``ValueError`` nami
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -64,7 +64,7 @@ class FO1Config(PreTrainedConfig):
     """
 
     model_type = "vlm_fo1"
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")}
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")}
 
     base_config: dict | PreTrainedConfig | None = None
     aux_encoder_name: str = "davit_huge_fl"
@@ -88,7 +88,6 @@ class FO1Config(PreTrainedConfig):
     region_token_template: str = T.REGION_TOKEN_TEMPLATE
     region_feature_token_id: int | None = None
     region_token_ids: list[int] | tuple[int, ...] | None = None
-    tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -99,7 +98,6 @@ class FO1Config(PreTrainedConfig):
             self.vit_feature_blocks = [int(b) for b in self.vit_feature_blocks]
         if self.region_token_ids is not None:
             self.region_token_ids = [int(i) for i in self.region_token_ids]
-        self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
         self.validate_fo1()
 
     def validate_fo1(self) -> None:
