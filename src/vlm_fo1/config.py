@@ -64,7 +64,9 @@ class FO1Config(PreTrainedConfig):
     """
 
     model_type = "vlm_fo1"
-    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")}
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "base_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")
+    }
 
     base_config: dict | PreTrainedConfig | None = None
     aux_encoder_name: str = "davit_huge_fl"
