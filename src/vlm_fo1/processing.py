@@ -357,13 +357,19 @@ class FO1Processor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> FO1Processor:
-        """Load a processor saved by ``save_pretrained`` (a local directory)."""
+        """Load a processor saved by ``save_pretrained``, or an official release directory."""
+        from vlm_fo1.checkpoints.official import (
+            is_official_checkpoint,
+            load_official_processor,
+        )  # avoids a cycle
+
         path = Path(directory)
         settings_file = path / PROCESSOR_CONFIG_NAME
         if not settings_file.is_file():
+            if is_official_checkpoint(path) and not overrides:
+                return load_official_processor(path)
             raise ValueError(
-                f"{str(path)!r} has no {PROCESSOR_CONFIG_NAME}; for an official VLM-FO1 release directory use "
-                "vlm_fo1.checkpoints.load_official_processor (or convert it with `vlm-fo1 convert-official`)"
+                f"expected {PROCESSOR_CONFIG_NAME} (or an official release layout) in {str(path)!r}"
             )
         settings = json.loads(settings_file.read_text())
         settings.update(overrides)

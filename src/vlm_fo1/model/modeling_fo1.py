@@ -73,6 +73,23 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Load an FO1 checkpoint, or an official release directory (``omchat_qwen2_5_vl``).
+
+        An official directory is read by ``vlm_fo1.checkpoints.load_official`` (keyword
+        arguments ``dtype`` and ``device`` apply); anything else goes to transformers.
+        """
+        from vlm_fo1.checkpoints.official import is_official_checkpoint, load_official  # avoids a cycle
+
+        if is_official_checkpoint(pretrained_model_name_or_path):
+            dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+            device = kwargs.pop("device", kwargs.pop("device_map", "cpu"))
+            if args or kwargs:
+                raise ValueError(f"unsupported arguments for an official checkpoint: {list(kwargs) or args}")
+            return load_official(pretrained_model_name_or_path, dtype=dtype, device=device)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     # -- embeddings (delegated to the base VLM) ----------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
         return self.vlm.get_input_embeddings()

@@ -1,0 +1,184 @@
+"""Conversation records: the on-disk format of training and evaluation data (JSONL).
+
+One JSON object per line::
+
+    {"id": "scene-17/detect-0", "image": "images/17.png",
+     "messages": [{"role": "user", "content": [{"type": "text", "text": "Please detect "}, …]},
+                  {"role": "assistant", "content": "<ground>circle</ground><objects><region3></objects>"}],
+     "boxes": [[x1, y1, x2, y2], …], "scores": [0.93, …], "task": "detection", "meta": {…}}
+
+``image`` is relative to the file's folder (or absolute); ``boxes`` are xyxy in the image's
+pixels and ``<regionN>`` in the conversation names ``boxes[N]``; ``scores`` (optional) are
+proposal scores. Message content may also be a plain string: in a *data file* (trusted, unlike
+user input at run time) ``<regionN>`` tags in user text are read as region references.
+
+The release's processed evaluation files are read too (official-release.md §7): COCO JSONL lines
+with ``conversations`` / ``bbox_list`` / ``score_list``, and the CountBench / PixMo-Count JSON
+lists with ``question`` / ``answer`` / ``bboxes`` / ``scores``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_fo1.prompting.tokens import REGION_TOKEN_PATTERN
+
+
+@dataclass
+class ConversationRecord:
+    """One training or evaluation conversation about one image (see module docstring)."""
+
+    messages: list[dict[str, Any]]
+    image: str | None = None
+    boxes: list[list[float]] = field(default_factory=list)
+    scores: list[float] | None = None
+    id: str | int | None = None
+    task: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scores is not None and len(self.scores) != len(self.boxes):
+            raise ValueError(f"record {self.id!r}: {len(self.scores)} scores for {len(self.boxes)} boxes")
+        for i, box in enumerate(self.boxes):
+            if len(box) != 4:
+                raise ValueError(f"record {self.id!r}: box {i} must have 4 numbers, got {box!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "image": self.image,
+            "messages": self.messages,
+            "boxes": self.boxes,
+        }
+        if self.scores is not None:
+            data["scores"] = self.scores
+        if self.task is not None:
+            data["task"] = self.task
+        if self.meta:
+            data["meta"] = self.meta
+        return data
+
+    def image_path(self, root: str | Path | None) -> Path | None:
+        """The image path, resolved against ``root`` when relative."""
+        if self.image is None:
+            return None
+        path = Path(self.image)
+        return path if path.is_absolute() or root is None else Path(root) / path
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The conversation up to (not including) the last assistant turn: what the model is asked."""
+        end = len(self.messages)
+        while end and self.messages[end - 1]["role"] == "assistant":
+            end -= 1
+        return [_trusted_message(m) for m in self.messages[:end]]
+
+    def target(self) -> str:
+        """The last assistant turn's text ('' when there is none)."""
+        last = self.messages[-1] if self.messages else None
+        if last is None or last["role"] != "assistant":
+            return ""
+        content = last["content"]
+        return content if isinstance(content, str) else "".join(i.get("text", "") for i in content)
+
+    def training_messages(self) -> list[dict[str, Any]]:
+        """All turns, with ``<regionN>`` tags in user text read as region references."""
+        return [_trusted_message(m) for m in self.messages]
+
+
+def text_to_items(text: str) -> list[dict[str, Any]]:
+    """Trusted data text → content items, ``<regionN>`` tags becoming region references."""
+    items: list[dict[str, Any]] = []
+    last = 0
+    for match in REGION_TOKEN_PATTERN.finditer(text):
+        if match.start() > last:
+            items.append({"type": "text", "text": text[last : match.start()]})
+        items.append({"type": "region", "index": int(match.group(1))})
+        last = match.end()
+    if last < len(text):
+        items.append({"type": "text", "text": text[last:]})
+    return items
+
+
+def _trusted_message(message: dict[str, Any]) -> dict[str, Any]:
+    content = message["content"]
+    if message["role"] == "user" and isinstance(content, str):
+        return {"role": "user", "content": text_to_items(content)}
+    return message
+
+
+def _from_official_line(line: dict[str, Any]) -> ConversationRecord:
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    messages = [{"role": roles[turn["from"]], "content": turn["value"]} for turn in line["conversations"]]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # the release leaves an empty answer slot
+    return ConversationRecord(
+        messages=messages,
+        image=line.get("image"),
+        boxes=[list(map(float, b)) for b in line.get("bbox_list", [])],
+        scores=[float(s) for s in line["score_list"]] if "score_list" in line else None,
+        id=line.get("id"),
+        task="detection",
+    )
+
+
+def _from_count_item(index: int, item: dict[str, Any]) -> ConversationRecord:
+    return ConversationRecord(
+        messages=[{"role": "user", "content": item["question"]}],
+        image=item.get("image"),
+        boxes=[list(map(float, b)) for b in item.get("bboxes", [])],
+        scores=[float(s) for s in item["scores"]] if "scores" in item else None,
+        id=item.get("id", index),
+        task="counting",
+        meta={"answer": int(item["answer"])},
+    )
+
+
+def _parse_line(data: dict[str, Any]) -> ConversationRecord:
+    if "conversations" in data:
+        return _from_official_line(data)
+    return ConversationRecord(
+        messages=data["messages"],
+        image=data.get("image"),
+        boxes=data.get("boxes", []),
+        scores=data.get("scores"),
+        id=data.get("id"),
+        task=data.get("task"),
+        meta=data.get("meta", {}),
+    )
+
+
+def read_records(path: str | Path) -> Iterator[ConversationRecord]:
+    """Records from our JSONL, the release's COCO JSONL, or a CountBench/PixMo JSON list."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        if first == "[":
+            for i, item in enumerate(json.load(handle)):
+                yield _from_count_item(i, item)
+            return
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield _parse_line(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a conversation record: {err}") from err
+
+
+def write_records(path: str | Path, records: Iterable[ConversationRecord]) -> int:
+    """Write records as JSONL (atomically: a temporary file renamed into place); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count

@@ -1,0 +1,176 @@
+"""FO1ForConditionalGeneration against references: stock Qwen2.5-VL, round trips, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from vlm_fo1.model import FO1ForConditionalGeneration
+from vlm_fo1.prompting import templates as P
+from vlm_fo1.testing import tiny_config, tiny_model
+
+BOXES = [[0, 0, 40, 30], [20, 10, 120, 80], [60, 40, 129, 89]]
+
+
+def _stock(model: FO1ForConditionalGeneration, attn: str) -> Qwen2_5_VLForConditionalGeneration:
+    stock = Qwen2_5_VLForConditionalGeneration._from_config(
+        model.config.base_config, attn_implementation=attn
+    )
+    stock.load_state_dict(model.vlm.state_dict())
+    return stock.eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_zero_boxes_match_stock_qwen(processor, config, attn):
+    model = tiny_model(config, seed=1)
+    model.set_attn_implementation(attn)
+    batch = processor(P.ask("What is in the image?"), images=make_image(), boxes=[])
+    assert "region_counts" not in batch
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = _stock(model, attn)(**batch).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_zero_boxes_batch_with_padding_match_stock(processor, model):
+    batch = processor(
+        [
+            [{"role": "user", "content": "Describe it."}],
+            [{"role": "user", "content": P.ask("What colour is it, please?")}],
+        ],
+        images=[make_image(), make_image(70, 140, seed=3)],
+        boxes=[[], []],
+    )
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = _stock(model, "sdpa")(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[mask], theirs[mask], rtol=0, atol=0)
+
+
+def test_region_tokens_change_logits_after_listing(processor, model, image):
+    a = processor(P.detect("cat"), images=image, boxes=BOXES)
+    b = processor(P.detect("cat"), images=image, boxes=[BOXES[0], BOXES[1], [0, 0, 129, 89]])
+    with torch.no_grad():
+        la, lb = model(**a).logits, model(**b).logits
+    feat = processor.region_feature_token_id
+    first = int((a["input_ids"][0] == feat).nonzero()[0])
+    last = int((a["input_ids"][0] == feat).nonzero()[-1])
+    torch.testing.assert_close(la[:, :last], lb[:, :last])  # causal: before the changed region, identical
+    assert (la[:, last:] - lb[:, last:]).abs().max() > 1e-4
+    assert first < last
+
+
+def test_placeholder_count_mismatch_names_both_counts(processor, model, image):
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    batch["region_counts"] = torch.tensor([2])
+    with pytest.raises(ValueError, match=r"placeholders per sample \[3\], boxes per sample \[2\]"):
+        model(**batch)
+
+
+def test_placeholders_without_boxes_raise(processor, model, image):
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    for key in ("region_counts", "region_boxes_vit", "region_boxes_aux"):
+        batch.pop(key)
+    with pytest.raises(ValueError, match="3 <regionfeat> placeholders but no region boxes"):
+        model(**batch)
+
+
+def test_regions_without_image_raise(processor, model, image):
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    batch.pop("pixel_values")
+    with pytest.raises(ValueError, match="need the image"):
+        model(**batch)
+
+
+def test_cached_and_uncached_greedy_generation_agree(processor, model, image):
+    batch = processor(P.detect(["cat", "dog"]), images=image, boxes=BOXES)
+    cached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=True)
+    uncached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_batch_with_different_box_counts_equals_single_runs(processor, model):
+    images = [make_image(), make_image(60, 150, seed=1), make_image(100, 100, seed=2)]
+    boxes = [BOXES, [[1, 1, 30, 30]], []]
+    prompts = [P.detect("cat"), P.describe_region(0), P.ask("How many shapes?")]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    batch = processor(conversations, images=images, boxes=boxes)
+    assert batch["region_counts"].tolist() == [3, 1, 0]
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    for i in range(3):
+        single = processor(conversations[i], images=images[i], boxes=boxes[i])
+        ref = model.generate(**single, max_new_tokens=6, do_sample=False)
+        assert out[i, width:].tolist() == ref[0, single["input_ids"].shape[1] :].tolist()
+
+
+def test_save_and_load_round_trip(tmp_path, processor, model, image):
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    model.save_pretrained(tmp_path)
+    loaded = FO1ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=0)
+
+
+def test_bfloat16_runs_and_tracks_float32(processor, config, image):
+    fp32 = tiny_model(config, seed=2)
+    bf16 = tiny_model(config, seed=2).to(torch.bfloat16)
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    with torch.no_grad():
+        a = fp32(**batch).logits
+        b = bf16(**batch).logits
+    assert b.dtype == torch.bfloat16
+    assert torch.isfinite(b.float()).all()
+    # bf16 keeps about 3 significant digits; logits of a random model are O(1).
+    assert (a - b.float()).abs().max() < 0.1 * a.abs().max()
+    out = bf16.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+def test_eager_and_sdpa_agree(processor, config, image):
+    eager = tiny_model(config, seed=3)
+    eager.set_attn_implementation("eager")
+    sdpa = tiny_model(config, seed=3)
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**batch).logits, sdpa(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_trains_region_side(processor, model, image):
+    conversation = [
+        {"role": "user", "content": P.detect("cat")},
+        {"role": "assistant", "content": "<ground>cat</ground><objects><region1></objects>"},
+    ]
+    batch = processor(conversation, images=image, boxes=BOXES, return_labels=True, padding_side="right")
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    for module in (model.connector, model.region_encoder, model.aux_encoder):
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("source", ["hybrid", "vit", "aux"])
+@pytest.mark.parametrize("fpn", [True, False])
+def test_region_sources_and_pyramid_options_run(processor, tokenizer, image, source, fpn):
+    model = tiny_model(
+        tiny_config(tokenizer, region_source=source, use_simple_fpn=fpn, region_layer_norm=True)
+    )
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    assert (model.aux_encoder is None) == (source == "vit")
+
+
+def test_linear_connector_and_no_position_embedding(processor, tokenizer, image):
+    model = tiny_model(tiny_config(tokenizer, connector_type="linear", use_position_embedding=False))
+    assert isinstance(model.connector, torch.nn.Linear)
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
