@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.prompting import templates as P
 from vlm_fo1.testing import tiny_config, tiny_model
+
+from conftest import make_image
 
 BOXES = [[0, 0, 40, 30], [20, 10, 120, 80], [60, 40, 129, 89]]
 
