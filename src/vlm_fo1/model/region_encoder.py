@@ -116,6 +116,11 @@ class HybridRegionEncoder(nn.Module):
             self.vit_dim = fpn_channels * len(LEVEL_FACTORS) if self.simple_fpn is not None else vit_channels
         if self.aux_dim + self.vit_dim == 0:
             raise ValueError("the region encoder needs ViT features, auxiliary features or both")
+        if use_position_embedding and self.output_dim % 4:
+            raise ValueError(
+                f"the box position embedding needs a region width divisible by 4, got {self.output_dim} "
+                f"(aux {self.aux_dim} + ViT {self.vit_dim})"
+            )
         self.aux_region_norm = nn.LayerNorm(self.aux_dim) if region_layer_norm and self.aux_dim else None
         self.vt_region_norm = nn.LayerNorm(self.vit_dim) if region_layer_norm and self.vit_dim else None
 
