@@ -8,6 +8,7 @@ model's width. Every closed choice is validated here, with a ``ValueError`` nami
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -93,7 +94,10 @@ class FO1Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.aux_encoder_kwargs = dict(self.aux_encoder_kwargs or {})
+        try:  # JSON-shaped (tuples become lists), so a saved config loads back equal
+            self.aux_encoder_kwargs = json.loads(json.dumps(dict(self.aux_encoder_kwargs or {})))
+        except TypeError as err:
+            raise ValueError(f"FO1Config.aux_encoder_kwargs must be JSON-serialisable: {err}") from err
         self.aux_mean = list(self.aux_mean)
         self.aux_std = list(self.aux_std)
         if self.vit_feature_blocks is not None:

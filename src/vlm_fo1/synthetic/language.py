@@ -6,9 +6,9 @@ Conventions (the tiny model must learn them, so they never vary):
 - plural label (counting) = the label plus ``"s"`` (``"circles"``, ``"words"``);
 - object phrase = ``"{size} {colour} {kind}"`` (``"small red circle"``) for shapes and
   ``"{colour} word {TEXT}"`` (``"blue word CAT"``) for words;
-- image caption = the object phrases sorted by box centre x (ties by y), each with ``"a"``,
-  joined by ``", "`` and a final ``" and "``, first letter capitalised, ending in ``"."``:
-  ``"A small red circle, a blue word CAT and a large green star."``
+- image caption = the object phrases sorted by box centre x (ties by y), each with ``"a"``
+  (``"an"`` before a vowel), joined by ``", "`` and a final ``" and "``, first letter
+  capitalised, ending in ``"."``: ``"A small red circle, an orange word CAT and a large green star."``
 - a referring expression is used only when exactly one object fits it. Spatial relations are
   strict: ``A left of B`` means ``A.x2 <= B.x1`` (``above``: ``A.y2 <= B.y1``); superlatives need
   a margin (area ratio >= 1.25; centre gap >= 8 px) so they are never a close call.
@@ -55,12 +55,16 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def image_caption(objects: Sequence[SceneObject]) -> str:
     """The canonical caption: every object phrase, left to right (see the module docstring)."""
     if not objects:
         return "An empty image."
     ordered = sorted(objects, key=lambda o: (o.center[0], o.center[1]))
-    text = _join([f"a {object_phrase(o)}" for o in ordered]) + "."
+    text = _join([_with_article(object_phrase(o)) for o in ordered]) + "."
     return text[0].upper() + text[1:]
 
 
@@ -77,9 +81,13 @@ def _attribute_expressions(objects: Sequence[SceneObject]) -> Iterator[Expressio
             ("colour", f"the {obj.colour} {noun}", lambda o, t=obj: o.kind == t.kind and o.colour == t.colour)
         ]
         if obj.is_word:
-            candidates.append(("text", f"the word {obj.text}", lambda o, t=obj: o.is_word and o.text == t.text))
+            candidates.append(
+                ("text", f"the word {obj.text}", lambda o, t=obj: o.is_word and o.text == t.text)
+            )
         else:
-            candidates.append(("size", f"the {obj.size} {noun}", lambda o, t=obj: o.kind == t.kind and o.size == t.size))
+            candidates.append(
+                ("size", f"the {obj.size} {noun}", lambda o, t=obj: o.kind == t.kind and o.size == t.size)
+            )
             candidates.append(
                 (
                     "size_colour",
@@ -151,7 +159,9 @@ def _relation_expressions(objects: Sequence[SceneObject]) -> Iterator[Expression
             if noun == anchor_noun:
                 continue
             for relation in RELATIONS:
-                referent = _unique(objects, lambda o, r=relation, n=noun: label_of(o) == n and related(o, r, objects[anchor]))  # noqa: B023
+                referent = _unique(
+                    objects, lambda o, r=relation, n=noun: label_of(o) == n and related(o, r, objects[anchor])
+                )
                 if referent is not None:
                     yield "relation", f"the {noun} {relation} the {anchor_noun}", referent
 
@@ -187,7 +197,9 @@ def vqa_questions(
     words = [o for o in objects if o.is_word]
     questions = [("count_shapes", "How many shapes are there?", str(len(shapes)))]
     kind = rng.choice(config.classes)
-    questions.append(("count_kind", f"How many {plural(kind)} are there?", str(sum(o.kind == kind for o in objects))))
+    questions.append(
+        ("count_kind", f"How many {plural(kind)} are there?", str(sum(o.kind == kind for o in objects)))
+    )
     largest = _largest_shape(shapes)
     if largest is not None:
         questions.append(("largest_colour", "What colour is the largest shape?", largest.colour))

@@ -165,17 +165,28 @@ def _object_proposals(
         candidate = _clip(_jittered(box, config.jitter, rng), size)
         if candidate is not None:
             iou = _iou(candidate, box)
-            found.append((candidate, _score(config.object_score, (iou - 0.5) / 0.5, config.score_noise, rng), index, iou))
+            found.append(
+                (
+                    candidate,
+                    _score(config.object_score, (iou - 0.5) / 0.5, config.score_noise, rng),
+                    index,
+                    iou,
+                )
+            )
     if rng.random() < config.loose_probability:
         candidate = _loose(box, config, rng, size)
         if candidate is not None:
             iou = _iou(candidate, box)
-            found.append((candidate, _score(config.loose_score, rng.random(), config.score_noise, rng), index, iou))
+            found.append(
+                (candidate, _score(config.loose_score, rng.random(), config.score_noise, rng), index, iou)
+            )
     if rng.random() < config.part_probability:
         candidate = _clip(_part(box, rng), size)
         if candidate is not None:
             iou = _iou(candidate, box)
-            found.append((candidate, _score(config.part_score, rng.random(), config.score_noise, rng), index, iou))
+            found.append(
+                (candidate, _score(config.part_score, rng.random(), config.score_noise, rng), index, iou)
+            )
     return found
 
 
@@ -191,16 +202,22 @@ def _around(box: Box, rng: random.Random) -> Box:
     return (box[0] - pad[0], box[1] - pad[1], box[2] + pad[2], box[3] + pad[3])
 
 
-def _distractors(scene: Scene, config: ProposalConfig, rng: random.Random) -> list[tuple[Box, float, int, float]]:
+def _distractors(
+    scene: Scene, config: ProposalConfig, rng: random.Random
+) -> list[tuple[Box, float, int, float]]:
     """Background boxes (random and around clutter) that overlap no object at IoU > 0.3."""
     raw = [_random_box(rng, scene.size) for _ in range(rng.randint(*config.distractors_range))]
-    raw += [_around(b, rng) for b in scene.clutter_boxes if rng.random() < config.clutter_distractor_probability]
+    raw += [
+        _around(b, rng) for b in scene.clutter_boxes if rng.random() < config.clutter_distractor_probability
+    ]
     kept = []
     for box in raw:
         candidate = _clip(box, scene.size)
         if candidate is None or any(_iou(candidate, o.box) > _DISTRACTOR_MAX_IOU for o in scene.objects):
             continue
-        kept.append((candidate, _score(config.distractor_score, rng.random(), config.score_noise, rng), -1, 0.0))
+        kept.append(
+            (candidate, _score(config.distractor_score, rng.random(), config.score_noise, rng), -1, 0.0)
+        )
     return kept
 
 
@@ -223,7 +240,9 @@ def simulate_proposals(scene: Scene, config: ProposalConfig, rng: random.Random)
 
 
 def match_proposals(
-    proposal_boxes: Sequence[Sequence[float]], object_boxes: Sequence[Sequence[float]], iou_threshold: float = 0.5
+    proposal_boxes: Sequence[Sequence[float]],
+    object_boxes: Sequence[Sequence[float]],
+    iou_threshold: float = 0.5,
 ) -> list[int | None]:
     """For each object, the proposal that stands for it, or None.
 
