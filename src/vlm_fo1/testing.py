@@ -92,6 +92,45 @@ def tiny_config(tokenizer: Any | None = None, **overrides: Any) -> FO1Config:
     return FO1Config(**settings)
 
 
+def full_size_config(tokenizer: Any | None = None, **overrides: Any) -> FO1Config:
+    """The released 3B architecture (Qwen2.5-VL-3B + Florence-2-large DaViT, FPN, 100 regions) for
+    random-weight timing; special ids come from ``tokenizer`` (default: the tiny one, 100 regions)."""
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(max_regions=T.DEFAULT_MAX_REGIONS)
+    base = tiny_base_config(
+        tokenizer,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    )
+    base["vision_config"].update(
+        depth=32,
+        hidden_size=1280,
+        num_heads=16,
+        intermediate_size=3420,
+        out_hidden_size=2048,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    )
+    settings: dict[str, Any] = dict(
+        base_config=base,
+        aux_encoder_name="davit_huge_fl",
+        vit_feature_blocks=[31],
+        use_simple_fpn=True,
+        fpn_channels=512,
+        roi_output_size=7,
+        max_regions=T.DEFAULT_MAX_REGIONS,
+        region_feature_token_id=tokenizer.convert_tokens_to_ids(T.REGION_FEATURE_TOKEN),
+        region_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in T.region_tokens(T.DEFAULT_MAX_REGIONS)],
+    )
+    settings.update(overrides)
+    return FO1Config(**settings)
+
+
 def tiny_processor(
     tokenizer: Any | None = None, config: FO1Config | None = None, **kwargs: Any
 ) -> FO1Processor:

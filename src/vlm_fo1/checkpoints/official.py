@@ -63,6 +63,15 @@ def is_official_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def _require_official(path: str | Path) -> Path:
+    if not is_official_checkpoint(path):
+        raise ValueError(
+            f"expected a local directory in the official release's layout (config.json with model_type "
+            f"{OFFICIAL_MODEL_TYPE!r}), got {str(path)!r}"
+        )
+    return Path(path)
+
+
 def read_tensor_index(path: str | Path) -> dict[str, TensorInfo]:
     """Name → (file, shape) of every tensor in the directory's safetensors shards (no data loaded)."""
     path = Path(path)
@@ -284,7 +293,7 @@ def load_official(
         dtype: parameter dtype (default: the checkpoint's ``torch_dtype``, else float32).
         device: where the model ends up.
     """
-    path = Path(path)
+    path = _require_official(path)
     official = json.loads((path / "config.json").read_text())
     index = read_tensor_index(path)
     config = infer_config(official, index)
@@ -344,7 +353,7 @@ def load_official_processor(path: str | Path) -> Any:
 
     from vlm_fo1.processing import FO1Processor  # local: processing may import this module lazily
 
-    path = Path(path)
+    path = _require_official(path)
     official = json.loads((path / "config.json").read_text())
     if "aux_image_aspect_ratio" not in official:
         raise ValueError("config.json lacks aux_image_aspect_ratio (the release requires it)")

@@ -1,0 +1,64 @@
+"""``vlm-fo1``: a thin command line over the library (each sub-command calls one library function)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("vlm_fo1")
+
+
+def _cmd_convert_official(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm_fo1.checkpoints import convert_official
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    destination = convert_official(args.source, args.destination, dtype=dtype)
+    print(f"wrote an FO1 checkpoint to {destination}")
+    return 0
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    from vlm_fo1.smoke import run_smoke
+
+    result = run_smoke(num_boxes=args.boxes, seed=args.seed)
+    print(result.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-fo1", description="VLM-FO1: region-token perception for VLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert-official", help="convert an official VLM-FO1 release directory")
+    convert.add_argument("source", help="local directory in the release's layout (omchat_qwen2_5_vl)")
+    convert.add_argument("destination", help="directory to write the FO1 checkpoint to")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    convert.set_defaults(func=_cmd_convert_official)
+
+    smoke = sub.add_parser("smoke", help="run the whole pipeline once on a tiny random model (offline)")
+    smoke.add_argument("--boxes", type=int, default=5)
+    smoke.add_argument("--seed", type=int, default=0)
+    smoke.set_defaults(func=_cmd_smoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        print(f"vlm-fo1 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
