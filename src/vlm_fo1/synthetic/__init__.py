@@ -24,8 +24,10 @@ from vlm_fo1.synthetic.proposals import ProposalConfig, Proposals, match_proposa
 from vlm_fo1.synthetic.scenes import WORD_KIND, Scene, SceneConfig, SceneObject, render_scene
 from vlm_fo1.synthetic.tasks import (
     GENERAL_TASKS,
+    NEGATIVE_TASKS,
     REGION_TASKS,
     TASK_NAMES,
+    NegativeBalance,
     TaskMix,
     grounding_answer,
     make_records,
@@ -34,10 +36,12 @@ from vlm_fo1.synthetic.tasks import (
 __all__ = [
     "CAPTION_QUESTION",
     "GENERAL_TASKS",
+    "NEGATIVE_TASKS",
     "REGION_TASKS",
     "TASK_NAMES",
     "VQA_QUESTION_FORMS",
     "WORD_KIND",
+    "NegativeBalance",
     "ProposalConfig",
     "Proposals",
     "Scene",

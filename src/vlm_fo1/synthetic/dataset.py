@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from vlm_fo1.data.records import ConversationRecord, write_records
 from vlm_fo1.synthetic.proposals import ProposalConfig, Proposals, simulate_proposals
 from vlm_fo1.synthetic.scenes import Scene, SceneConfig, render_scene
-from vlm_fo1.synthetic.tasks import TaskMix, make_records
+from vlm_fo1.synthetic.tasks import NegativeBalance, TaskMix, make_records
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def generate_dataset(
     truth_path = out / f"{split_name}_scenes.jsonl"
 
     def records() -> Iterator[ConversationRecord]:
+        balance = NegativeBalance(mix.negative_ratio)
         with truth_path.open("w", encoding="utf-8") as truth:
             progress = tqdm(range(num_scenes), desc=f"{split_name} scenes", disable=not sys.stderr.isatty())
             for index in progress:
@@ -99,7 +100,7 @@ def generate_dataset(
                 scene.image.save(out / image, format="PNG")
                 truth.write(json.dumps(scene_truth(scene, proposals, image)) + "\n")
                 rng = random.Random(derive_seed(seed, split_name, index, "tasks"))
-                yield from make_records(scene, proposals, mix, rng, image)
+                yield from make_records(scene, proposals, mix, rng, image, balance=balance)
 
     path = out / f"{split_name}.jsonl"
     count = write_records(path, records())

@@ -152,18 +152,19 @@ def related(a: SceneObject, relation: str, b: SceneObject) -> bool:
 def _relation_expressions(objects: Sequence[SceneObject]) -> Iterator[Expression]:
     """``the square left of the star``: the anchor is alone of its kind, the target unique."""
     groups = _by_kind(objects)
-    anchors = [members[0] for members in groups.values() if len(members) == 1]
+    anchors = [objects[members[0]] for members in groups.values() if len(members) == 1]
     for anchor in anchors:
-        anchor_noun = label_of(objects[anchor])
         for noun in groups:
-            if noun == anchor_noun:
+            if noun == label_of(anchor):
                 continue
             for relation in RELATIONS:
-                referent = _unique(
-                    objects, lambda o, r=relation, n=noun: label_of(o) == n and related(o, r, objects[anchor])
-                )
+
+                def fits(o: SceneObject, n: str = noun, r: str = relation, a: SceneObject = anchor) -> bool:
+                    return label_of(o) == n and related(o, r, a)
+
+                referent = _unique(objects, fits)
                 if referent is not None:
-                    yield "relation", f"the {noun} {relation} the {anchor_noun}", referent
+                    yield "relation", f"the {noun} {relation} the {label_of(anchor)}", referent
 
 
 def referring_expressions(objects: Sequence[SceneObject]) -> list[Expression]:

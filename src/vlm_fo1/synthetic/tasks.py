@@ -5,7 +5,7 @@ assistant turns are plain strings in this grammar (no spaces, no newlines)::
 
     segment  = "<ground>" LABEL "</ground><objects>" {"<region" N ">"} "</objects>"
     detect   = segment for the one class          (regions in increasing order; none: negative)
-    multi    = segment per *present* class, in query order; when none is present, the empty
+    multi    = segment per queried class with matched regions, in query order; when none has any, the empty
                segment of the first queried class
     count    = segment with the plural label, then the number: "<ground>circles</ground>…</objects>2"
     refer    = segment whose label is the expression itself, with the referent's one region
@@ -17,8 +17,11 @@ assistant turns are plain strings in this grammar (no spaces, no newlines)::
 A region stands for an object when :func:`match_proposals` pairs them (IoU >= ``iou_threshold``);
 objects without a matching proposal are left out of grounded answers. The count is always the
 true number of objects, also when some have no proposal. Negatives (``negative_ratio`` of the
-detection, multi-detection, counting and visual-prompt samples) ask for a class that is absent
-(for detection also a class whose objects all lack a proposal); a negative count is ``0``.
+detection, multi-detection, counting and visual-prompt samples, held there by
+:class:`NegativeBalance`) have an empty ``<objects></objects>``: (multi-)detection asks only for
+classes without a matched object (absent, or every object of the class lacks a proposal),
+counting for an absent class (count ``0``), visual-prompt detection points at an object with no
+other matched object of its class.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ REGION_TASKS = (
     "visual_prompt",
 )
 GENERAL_TASKS = ("vqa", "caption")
+NEGATIVE_TASKS = ("detection", "multi_detection", "counting", "visual_prompt")
 TASK_NAMES = REGION_TASKS + GENERAL_TASKS
 
 
@@ -102,6 +106,39 @@ class TaskMix:
     def general(cls, **settings: Any) -> TaskMix:
         """Stage-0 data: plain VQA and image captions without regions."""
         return cls.only(*GENERAL_TASKS, **settings)
+
+
+@dataclass
+class NegativeBalance:
+    """Keeps each task's share of negatives at ``ratio`` over many scenes (error feedback).
+
+    A plain coin flip would not: a scene often cannot supply a positive of a task (no second
+    object of a kind for visual-prompt detection) while a negative is almost always possible, so
+    redrawn samples drift towards negatives. Here a draw is negative with probability
+    ``ratio + gain * (ratio * produced - negatives)`` (clipped to [0, 1]), and only samples that
+    were actually produced are counted. Share one instance across the scenes of a split.
+    """
+
+    ratio: float
+    gain: float = 0.5
+    counts: dict[str, list[int]] = field(default_factory=dict)  # task -> [negatives, produced]
+
+    def draw(self, task: str, rng: random.Random) -> bool:
+        """Whether the next sample of ``task`` should be a negative."""
+        negatives, produced = self.counts.get(task, (0, 0))
+        probability = self.ratio + self.gain * (self.ratio * produced - negatives)
+        return rng.random() < min(max(probability, 0.0), 1.0)
+
+    def record(self, task: str, negative: bool) -> None:
+        """Count one produced sample."""
+        counts = self.counts.setdefault(task, [0, 0])
+        counts[0] += int(negative)
+        counts[1] += 1
+
+    def share(self, task: str) -> float | None:
+        """The share of negatives produced so far for ``task`` (None before the first)."""
+        negatives, produced = self.counts.get(task, (0, 0))
+        return negatives / produced if produced else None
 
 
 @dataclass(frozen=True)
@@ -153,9 +190,8 @@ def grounding_answer(segments: list[tuple[str, list[int]]]) -> str:
     )
 
 
-def _detection(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _detection(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     positives, negatives = ctx.split_classes()
-    negative = rng.random() < mix.negative_ratio
     pool = negatives if negative else positives
     if not pool:
         return None
@@ -164,10 +200,9 @@ def _detection(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | Non
     return _Sample(T.detect(label), answer, {"classes": [label], "negative": negative, **ctx.truth([label])})
 
 
-def _multi_detection(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _multi_detection(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     positives, negatives = ctx.split_classes()
     k = rng.randint(2, 3)
-    negative = rng.random() < mix.negative_ratio
     if negative:
         if len(negatives) < k:
             return None
@@ -185,9 +220,8 @@ def _multi_detection(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample
     return _Sample(T.detect(chosen), grounding_answer(segments), meta)
 
 
-def _counting(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _counting(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     classes = ctx.scene.config.classes
-    negative = rng.random() < mix.negative_ratio
     pool = [c for c in classes if bool(ctx.objects_of(c)) != negative]
     if not pool:
         return None
@@ -200,7 +234,7 @@ def _counting(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None
     return _Sample(T.count(label), answer, meta)
 
 
-def _referring(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _referring(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     usable = [e for e in referring_expressions(ctx.scene.objects) if ctx.matches[e[2]] is not None]
     if not usable:
         return None
@@ -219,7 +253,7 @@ def _pick_matched(ctx: _Context, rng: random.Random, keep: Callable[[int], bool]
     return rng.choice(pool) if pool else None
 
 
-def _region_caption(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _region_caption(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     picked = _pick_matched(ctx, rng, lambda i: True)
     if picked is None:
         return None
@@ -229,7 +263,7 @@ def _region_caption(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample 
     return _Sample(T.describe_region(region), object_phrase(obj), meta)
 
 
-def _region_ocr(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _region_ocr(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     picked = _pick_matched(ctx, rng, lambda i: ctx.scene.objects[i].is_word)
     if picked is None:
         return None
@@ -239,9 +273,8 @@ def _region_ocr(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | No
     return _Sample(T.region_ocr(region), str(obj.text), meta)
 
 
-def _visual_prompt(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _visual_prompt(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     objects = ctx.scene.objects
-    negative = rng.random() < mix.negative_ratio
     picked = _pick_matched(
         ctx, rng, lambda i: bool(ctx.regions_of(label_of(objects[i]), exclude=i)) != negative
     )
@@ -256,18 +289,18 @@ def _visual_prompt(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample |
     return _Sample(T.find_similar(region), answer, meta)
 
 
-def _vqa(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _vqa(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     questions = vqa_questions(ctx.scene.objects, ctx.scene.config, rng)
     kind = rng.choice(sorted({q[0] for q in questions}))
     _, question, answer = rng.choice([q for q in questions if q[0] == kind])
     return _Sample(T.ask(question), answer, {"question_type": kind}, uses_regions=False)
 
 
-def _caption(ctx: _Context, mix: TaskMix, rng: random.Random) -> _Sample | None:
+def _caption(ctx: _Context, rng: random.Random, negative: bool) -> _Sample | None:
     return _Sample(T.ask(CAPTION_QUESTION), image_caption(ctx.scene.objects), {}, uses_regions=False)
 
 
-_BUILDERS: dict[str, Callable[[_Context, TaskMix, random.Random], _Sample | None]] = {
+_BUILDERS: dict[str, Callable[[_Context, random.Random, bool], _Sample | None]] = {
     "detection": _detection,
     "multi_detection": _multi_detection,
     "counting": _counting,
@@ -307,15 +340,26 @@ def make_records(
     rng: random.Random,
     image_path: str | Path | None,
     id_prefix: str | None = None,
+    balance: NegativeBalance | None = None,
 ) -> list[ConversationRecord]:
     """Up to ``mix.records_per_scene`` distinct records about one scene.
 
     Tasks are drawn by weight; a task that does not apply to the scene (no word to read, no
-    unique expression…) is redrawn, at most ``4 × records_per_scene`` draws in all.
-    ``record.task`` is the prompt's :class:`~vlm_fo1.prompting.templates.Task` value
-    (``"free"`` for VQA and captions); ``meta["task"]`` is the task name of :data:`TASK_NAMES`.
-    Region-free tasks (VQA, caption) have ``boxes == []`` and ``scores is None``.
+    unique expression, no positive left…) is redrawn, at most ``4 × records_per_scene`` draws in
+    all. Pass one ``balance`` for all scenes of a split to hold the negative share at
+    ``mix.negative_ratio`` (:func:`generate_dataset` does); without it a fresh one is used.
+    ``record.task`` is the prompt's :class:`~vlm_fo1.prompting.templates.Task` value (``"free"``
+    for VQA and captions); ``meta["task"]`` is the task name of :data:`TASK_NAMES`. Region-free
+    tasks (VQA, caption) have ``boxes == []`` and ``scores is None``.
+
+    Raises:
+        ValueError: when ``balance.ratio`` differs from ``mix.negative_ratio``.
     """
+    balance = balance if balance is not None else NegativeBalance(mix.negative_ratio)
+    if balance.ratio != mix.negative_ratio:
+        raise ValueError(
+            f"balance.ratio must equal mix.negative_ratio {mix.negative_ratio}, got {balance.ratio}"
+        )
     boxes = [o.box for o in scene.objects]
     ctx = _Context(scene, proposals, tuple(match_proposals(proposals.boxes, boxes, mix.iou_threshold)))
     weights = {name: w for name, w in mix.weights().items() if w > 0}
@@ -327,9 +371,12 @@ def make_records(
         if len(records) >= mix.records_per_scene:
             break
         name = rng.choices(list(weights), list(weights.values()))[0]
-        sample = _BUILDERS[name](ctx, mix, rng)
+        negative = name in NEGATIVE_TASKS and balance.draw(name, rng)
+        sample = _BUILDERS[name](ctx, rng, negative)
         if sample is None or (sample.prompt.text, sample.answer) in seen:
             continue
         seen.add((sample.prompt.text, sample.answer))
+        if name in NEGATIVE_TASKS:
+            balance.record(name, negative)
         records.append(_record(ctx, name, sample, image, f"{prefix}/{name}-{len(records)}"))
     return records
