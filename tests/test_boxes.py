@@ -18,6 +18,7 @@ from vlm_fo1.boxes import (
     clip_boxes,
     cxcywh_to_xyxy,
     denormalize_boxes,
+    match_boxes,
     nms_keep,
     normalize_boxes,
     sanitize_boxes,
@@ -308,3 +309,53 @@ def test_nms_keep_validates() -> None:
     with pytest.raises(ValueError, match=r"iou_threshold must be in \[0, 1\], got 1.5"):
         nms_keep([[0, 0, 1, 1]], [0.1], 1.5)
     assert nms_keep([], [], 0.5).shape == (0,)
+
+
+# --- match_boxes ---------------------------------------------------------------------------
+
+
+def test_match_boxes_greedy_by_descending_iou() -> None:
+    targets = [[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]]
+    candidates = [[1, 0, 11, 10], [0, 0, 10, 12], [100, 100, 110, 110]]
+    # target 1 takes candidate 0 (IoU 1.0) first; target 0 falls back to candidate 1; target 2 has none
+    assert match_boxes(candidates, targets) == [1, 0, None]
+    assert match_boxes(torch.tensor(candidates, dtype=torch.float64), np.array(targets)) == [1, 0, None]
+    assert match_boxes([[1, 0, 11, 10]], targets) == [None, 0, None]
+
+
+def test_match_boxes_threshold_is_inclusive_and_ties_prefer_lower_indexes() -> None:
+    target = [[0, 0, 10, 10]]
+    half = [[0, 0, 10, 20]]  # IoU exactly 0.5
+    assert match_boxes(half, target) == [0]
+    assert match_boxes(half, target, iou_threshold=0.51) == [None]
+    # two identical candidates: the lower index wins; two identical targets: the lower target first
+    assert match_boxes([[0, 0, 10, 10], [0, 0, 10, 10]], target) == [0]
+    assert match_boxes([[0, 0, 10, 10]], [[0, 0, 10, 10], [0, 0, 10, 10]]) == [0, None]
+    assert match_boxes([[0, 0, 10, 10]] * 2, [[0, 0, 10, 10]] * 2) == [0, 1]
+
+
+def test_match_boxes_empty_and_validation() -> None:
+    assert match_boxes([], [[0, 0, 1, 1], [2, 2, 3, 3]]) == [None, None]
+    assert match_boxes([[0, 0, 1, 1]], []) == []
+    assert match_boxes(torch.zeros(0, 4), torch.zeros(0, 4)) == []
+    for bad in (0.0, -0.1, 1.5, True):
+        with pytest.raises(ValueError, match=r"iou_threshold must be in \(0, 1\]"):
+            match_boxes([[0, 0, 1, 1]], [[0, 0, 1, 1]], iou_threshold=bad)
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        match_boxes([[0, 0, 1]], [[0, 0, 1, 1]])
+
+
+def test_match_boxes_is_one_to_one_and_maximal_on_random_sets() -> None:
+    for seed in range(30):
+        candidates, targets = _random_boxes(12, seed=seed), _random_boxes(9, seed=seed + 100)
+        targets[:4] = candidates[:4] + 2.0  # some near-duplicates so matches exist
+        matched = match_boxes(candidates, targets, iou_threshold=0.3)
+        used = [m for m in matched if m is not None]
+        assert len(used) == len(set(used))
+        iou = box_iou(targets, candidates)
+        for t, c in enumerate(matched):
+            if c is not None:
+                assert iou[t, c] >= 0.3
+            else:  # greedy leaves no unmatched target with a free candidate above the threshold
+                free = [j for j in range(len(candidates)) if j not in used]
+                assert all(iou[t, j] < 0.3 for j in free)

@@ -278,3 +278,41 @@ def nms_keep(boxes: BoxesLike, scores: Tensor | Sequence[float], iou_threshold: 
     if not 0.0 <= float(iou_threshold) <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     return torchvision.ops.nms(tensor, score_tensor, float(iou_threshold))
+
+
+def match_boxes(
+    candidate_boxes: BoxesLike, target_boxes: BoxesLike, iou_threshold: float = 0.5
+) -> list[int | None]:
+    """Greedy one-to-one matching of targets (e.g. true objects) to candidates (e.g. proposals).
+
+    Pairs are taken by descending IoU (ties: lower target index, then lower candidate index
+    first), each candidate and each target at most once, while ``IoU >= iou_threshold``.
+
+    Args:
+        candidate_boxes: ``(N, 4)`` xyxy boxes to choose from.
+        target_boxes: ``(M, 4)`` xyxy boxes, in the same pixel frame.
+        iou_threshold: the least IoU of a match, in ``(0, 1]``.
+
+    Returns:
+        For each target, the index of its matched candidate, or None (a list of length ``M``).
+
+    Raises:
+        ValueError: when ``iou_threshold`` is outside ``(0, 1]`` or the boxes are not ``(N, 4)``.
+    """
+    if isinstance(iou_threshold, bool) or not 0.0 < float(iou_threshold) <= 1.0:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
+    candidates, targets = _coerce(candidate_boxes), _coerce(target_boxes)
+    result: list[int | None] = [None] * targets.shape[0]
+    if not candidates.shape[0] or not targets.shape[0]:
+        return result
+    ious = box_iou(targets, candidates).tolist()  # (M, N)
+    pairs = sorted(
+        ((iou, t, c) for t, row in enumerate(ious) for c, iou in enumerate(row) if iou >= iou_threshold),
+        key=lambda pair: (-pair[0], pair[1], pair[2]),
+    )
+    used: set[int] = set()
+    for _, t, c in pairs:
+        if result[t] is None and c not in used:
+            result[t] = c
+            used.add(c)
+    return result

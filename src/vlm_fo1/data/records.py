@@ -27,6 +27,9 @@ from typing import Any
 
 from vlm_fo1.prompting.tokens import REGION_TOKEN_PATTERN
 
+_IMAGE_PLACEHOLDER = "<image>"
+_BAD_DATA = (KeyError, TypeError, ValueError, AttributeError)  # json.JSONDecodeError is a ValueError
+
 
 @dataclass
 class ConversationRecord:
@@ -112,7 +115,16 @@ def _trusted_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def _from_official_line(line: dict[str, Any]) -> ConversationRecord:
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
-    messages = [{"role": roles[turn["from"]], "content": turn["value"]} for turn in line["conversations"]]
+    messages = []
+    for turn in line["conversations"]:
+        if turn["from"] not in roles:
+            raise ValueError(f"expected a turn 'from' one of {sorted(roles)}, got {turn['from']!r}")
+        content = turn["value"]
+        if not isinstance(content, str):
+            raise ValueError(f"expected a turn 'value' string, got {type(content).__name__}")
+        if turn["from"] == "human" and content.startswith(_IMAGE_PLACEHOLDER):
+            content = content[len(_IMAGE_PLACEHOLDER) :].lstrip("\n")  # LLaVA-style image slot
+        messages.append({"role": roles[turn["from"]], "content": content})
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()  # the release leaves an empty answer slot
     return ConversationRecord(
@@ -152,22 +164,56 @@ def _parse_line(data: dict[str, Any]) -> ConversationRecord:
 
 
 def read_records(path: str | Path) -> Iterator[ConversationRecord]:
-    """Records from our JSONL, the release's COCO JSONL, or a CountBench/PixMo JSON list."""
+    """Records from our JSONL, the release's COCO JSONL, or a CountBench/PixMo JSON list.
+
+    The format is told by the first non-blank character: ``[`` starts a JSON list of counting
+    items, anything else is JSONL (blank lines skipped). In the release's COCO lines a leading
+    ``<image>`` placeholder in the human turn is dropped (the image slot is implied) and the empty
+    ``gpt`` answer slot is removed.
+
+    Raises:
+        ValueError: on a malformed line or item, naming the file and the line number (JSONL) or
+            the item index (JSON list).
+    """
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        first = handle.read(1)
+    with path.open(encoding="utf-8-sig") as handle:
+        while (first := handle.read(1)) and first.isspace():
+            pass
         handle.seek(0)
         if first == "[":
-            for i, item in enumerate(json.load(handle)):
-                yield _from_count_item(i, item)
+            yield from _read_count_list(path, handle.read())
             return
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield _parse_line(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a conversation record: {err}") from err
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+                record = _parse_line(data)
+            except _BAD_DATA as err:
+                raise ValueError(f"{path}:{number}: not a conversation record: {_describe(err)}") from err
+            yield record
+
+
+def _read_count_list(path: Path, text: str) -> Iterator[ConversationRecord]:
+    """The CountBench / PixMo-Count JSON list (official-release.md §7.2)."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a JSON list of counting items: {err}") from err
+    for index, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+            record = _from_count_item(index, item)
+        except _BAD_DATA as err:
+            raise ValueError(f"{path}: item {index}: not a counting item: {_describe(err)}") from err
+        yield record
+
+
+def _describe(err: Exception) -> str:
+    return f"missing key {err}" if isinstance(err, KeyError) else str(err)
 
 
 def write_records(path: str | Path, records: Iterable[ConversationRecord]) -> int:

@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlm_fo1.boxes import box_iou
+from vlm_fo1.boxes import match_boxes
 from vlm_fo1.synthetic.scenes import Box, Scene
 
 logger = logging.getLogger(__name__)
@@ -247,21 +247,7 @@ def match_proposals(
     """For each object, the proposal that stands for it, or None.
 
     Pairs are taken greedily by descending IoU (ties: lower object, then lower proposal index
-    first), each proposal and each object at most once, while ``IoU >= iou_threshold``.
+    first), each proposal and each object at most once, while ``IoU >= iou_threshold``
+    (:func:`vlm_fo1.boxes.match_boxes`).
     """
-    if not 0.0 < iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
-    result: list[int | None] = [None] * len(object_boxes)
-    if not len(proposal_boxes) or not len(object_boxes):
-        return result
-    ious = box_iou(object_boxes, proposal_boxes).tolist()  # (objects, proposals)
-    pairs = sorted(
-        ((iou, o, p) for o, row in enumerate(ious) for p, iou in enumerate(row) if iou >= iou_threshold),
-        key=lambda t: (-t[0], t[1], t[2]),
-    )
-    used: set[int] = set()
-    for _, o, p in pairs:
-        if result[o] is None and p not in used:
-            result[o] = p
-            used.add(p)
-    return result
+    return match_boxes(proposal_boxes, object_boxes, iou_threshold)
