@@ -49,7 +49,6 @@ def breakdown(
     dtype = next(model.parameters()).dtype
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     batch["aux_pixel_values"] = batch["aux_pixel_values"].to(dtype)
-    image_index = model._image_index(batch["input_ids"])
     times: dict[str, float] = {}
     with torch.no_grad():
         encoding = model.encode_images(batch["pixel_values"], batch["image_grid_thw"])
@@ -65,12 +64,12 @@ def breakdown(
             n = int(batch["region_counts"][0])
             fmap = encoding.feature_maps[0]
             return model.region_encoder(
-                vit_features=fmap.features,
+                vit_features=[fmap.features],
                 vit_stride=fmap.stride,
-                vit_frame=encoding.frames[image_index[0]],
-                vit_boxes=batch["region_boxes_vit"][0, :n],
-                aux_levels=[lv[0] for lv in aux_levels],
-                aux_boxes=batch["region_boxes_aux"][0, :n],
+                vit_frames=encoding.frames,
+                vit_boxes=[batch["region_boxes_vit"][0, :n]],
+                aux_levels=aux_levels,
+                aux_boxes=[batch["region_boxes_aux"][0, :n]],
             )
 
         pooled = regions()

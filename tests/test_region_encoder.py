@@ -193,12 +193,12 @@ def test_hybrid_region_encoder_matches_slow_reference(fpn):
     aux_boxes = BOXES * torch.tensor([96 / 80, 64 / 60, 96 / 80, 64 / 60])
     with torch.no_grad():
         fast = encoder(
-            vit_features=vit,
+            vit_features=[vit],
             vit_stride=14.0,
-            vit_frame=(112, 84),
-            vit_boxes=vit_boxes,
-            aux_levels=aux_levels,
-            aux_boxes=aux_boxes,
+            vit_frames=[(112, 84)],
+            vit_boxes=[vit_boxes],
+            aux_levels=[lv[None] for lv in aux_levels],
+            aux_boxes=[aux_boxes],
         )
         # Reference: aux levels resized to the finest one, concatenated, pooled with loops.
         size = aux_levels[0].shape[-2:]
@@ -222,6 +222,50 @@ def test_hybrid_region_encoder_matches_slow_reference(fpn):
         expected = combined + slow_sine(vit_boxes, (112, 84), combined.shape[1])
     assert fast.shape == (4, sum(aux_channels) + (16 if fpn else 8))
     torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_encoder_equals_one_image_at_a_time():
+    torch.manual_seed(1)
+    encoder = HybridRegionEncoder(
+        vit_channels=8,
+        aux_channels=[4, 8],
+        aux_strides=[4.0, 8.0],
+        use_simple_fpn=True,
+        fpn_channels=4,
+        roi_output_size=2,
+        roi_sampling_ratio=-1,
+        roi_aligned=False,
+        use_position_embedding=True,
+        region_layer_norm=False,
+    ).eval()
+    levels = [torch.randn(3, 4, 16, 16), torch.randn(3, 8, 8, 8)]
+    vits = [torch.randn(8, 4, 6), torch.randn(8, 6, 4), torch.randn(8, 4, 4)]
+    frames = [(84, 56), (56, 84), (56, 56)]
+    boxes = [BOXES[:2] / 2, BOXES[:0], BOXES[1:] / 2]  # the middle image has no boxes
+    with torch.no_grad():
+        batched = encoder(
+            vit_features=vits,
+            vit_stride=14.0,
+            vit_frames=frames,
+            vit_boxes=boxes,
+            aux_levels=levels,
+            aux_boxes=boxes,
+        )
+        single = torch.cat(
+            [
+                encoder(
+                    vit_features=[vits[i]],
+                    vit_stride=14.0,
+                    vit_frames=[frames[i]],
+                    vit_boxes=[boxes[i]],
+                    aux_levels=[lv[i : i + 1] for lv in levels],
+                    aux_boxes=[boxes[i]],
+                )
+                for i in range(3)
+            ]
+        )
+    assert batched.shape == (5, 12 + 16)
+    torch.testing.assert_close(batched, single)
 
 
 def test_region_width_must_suit_position_embedding():

@@ -29,6 +29,36 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(pairs: Sequence[str]) -> dict:
+    """``optim.steps=100`` style overrides → a nested dict (values parsed as YAML scalars)."""
+    import yaml
+
+    result: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE (e.g. optim.steps=100), got {pair!r}")
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return result
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vlm_fo1.training import load_run_config, train
+
+    config = load_run_config(args.config, _parse_overrides(args.set))
+    result = train(config, progress=not args.no_progress)
+    print(
+        f"trained stage {config.stage} for {result.steps} steps in {result.seconds:.0f} s; model in {result.output_dir}"
+    )
+    if result.resumed_from:
+        print(f"(resumed from {result.resumed_from})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-fo1", description="VLM-FO1: region-token perception for VLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -39,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", help="directory to write the FO1 checkpoint to")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     convert.set_defaults(func=_cmd_convert_official)
+
+    train = sub.add_parser("train", help="run one training stage from a YAML run config")
+    train.add_argument("config", help="YAML run config (see configs/)")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
 
     smoke = sub.add_parser("smoke", help="run the whole pipeline once on a tiny random model (offline)")
     smoke.add_argument("--boxes", type=int, default=5)

@@ -90,6 +90,15 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             return load_official(pretrained_model_name_or_path, dtype=dtype, device=device)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(
+        self, save_directory: Any, *args: Any, save_original_format: bool = False, **kwargs: Any
+    ) -> Any:
+        """Save with our own parameter names (transformers would otherwise rename the base VLM's
+        weights to its legacy layout, which a plain ``load_state_dict``, e.g. Trainer resume, cannot read)."""
+        return super().save_pretrained(
+            save_directory, *args, save_original_format=save_original_format, **kwargs
+        )
+
     # -- embeddings (delegated to the base VLM) ----------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
         return self.vlm.get_input_embeddings()
@@ -129,30 +138,29 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             region_counts: ``(B,)`` number of valid boxes per sample.
             image_index: for each sample, the index of its image in the batch's images (or -1).
         """
+        num_images = len(encoding.frames)
+        vit_boxes = [region_boxes_vit.new_zeros(0, 4) for _ in range(num_images)]
+        aux_boxes = [region_boxes_aux.new_zeros(0, 4) for _ in range(num_images)]
+        for sample, count in enumerate(region_counts.tolist()):
+            if count and image_index[sample] < 0:
+                raise ValueError(f"sample {sample} has {count} region boxes but no image")
+            if count:
+                vit_boxes[image_index[sample]] = region_boxes_vit[sample, :count]
+                aux_boxes[image_index[sample]] = region_boxes_aux[sample, :count]
         aux_levels = None
         if self.aux_encoder is not None:
             if aux_pixel_values is None:
                 raise ValueError("this model's region encoder needs aux_pixel_values, got None")
             aux_levels = encode_aux(self.aux_encoder, aux_pixel_values)
-        pooled = []
-        for sample, count in enumerate(region_counts.tolist()):
-            if count == 0:
-                continue
-            img = image_index[sample]
-            if img < 0:
-                raise ValueError(f"sample {sample} has {count} region boxes but no image")
-            vit_map = encoding.feature_maps[img] if encoding.feature_maps else None
-            pooled.append(
-                self.region_encoder(
-                    vit_features=vit_map.features if vit_map is not None else None,
-                    vit_stride=vit_map.stride if vit_map is not None else 1.0,
-                    vit_frame=encoding.frames[img],
-                    vit_boxes=region_boxes_vit[sample, :count],
-                    aux_levels=[level[img] for level in aux_levels] if aux_levels is not None else None,
-                    aux_boxes=region_boxes_aux[sample, :count],
-                )
-            )
-        regions = torch.cat(pooled, dim=0)  # (ΣN, region width), float32
+        maps = encoding.feature_maps
+        regions = self.region_encoder(
+            vit_features=[m.features for m in maps] if maps else None,
+            vit_stride=maps[0].stride if maps else 1.0,
+            vit_frames=encoding.frames,
+            vit_boxes=vit_boxes,
+            aux_levels=aux_levels,
+            aux_boxes=aux_boxes,
+        )  # (ΣN, region width), float32, images in order = samples in order
         return self.connector(regions.to(self.connector_dtype))
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,24 +22,32 @@ from vlm_fo1.model.simple_fpn import LEVEL_FACTORS, SimpleFeaturePyramid
 
 def pool_regions(
     features: torch.Tensor,
-    boxes: torch.Tensor,
+    boxes: torch.Tensor | Sequence[torch.Tensor],
     spatial_scale: float,
     output_size: int,
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> torch.Tensor:
-    """Mean of RoIAlign bins: ``features (C, H, W)``, ``boxes (N, 4)`` xyxy → ``(N, C)`` in float32.
+    """Mean of RoIAlign bins, in float32.
 
-    ``spatial_scale`` maps box pixels to feature cells (1 / stride).
+    Args:
+        features: ``(C, H, W)`` one map, or ``(B, C, H, W)`` a batch of maps.
+        boxes: ``(N, 4)`` xyxy for one map, or one ``(N_b, 4)`` tensor per map of the batch.
+        spatial_scale: box pixels to feature cells (1 / stride).
+
+    Returns:
+        ``(ΣN, C)``: the boxes of map 0, then map 1, …
     """
+    if features.dim() == 3:
+        features, boxes = features[None], [boxes]
     pooled = roi_align(
-        features[None].float(),
-        [boxes.float()],
+        features.float(),
+        [b.float() for b in boxes],
         output_size=output_size,
         spatial_scale=spatial_scale,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
-    )  # (N, C, S, S)
+    )  # (ΣN, C, S, S)
     return pooled.mean(dim=(2, 3))
 
 
@@ -129,22 +138,26 @@ class HybridRegionEncoder(nn.Module):
         """Width of each region vector (aux + ViT branch)."""
         return self.aux_dim + self.vit_dim
 
-    def _pool(self, features: torch.Tensor, boxes: torch.Tensor, stride: float) -> torch.Tensor:
+    def _pool(self, features: torch.Tensor, boxes: Any, stride: float) -> torch.Tensor:
         return pool_regions(
             features, boxes, 1.0 / stride, self.roi_output_size, self.roi_sampling_ratio, self.roi_aligned
         )
 
-    def aux_branch(self, levels: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """``levels``: one ``(C_i, H_i, W_i)`` map per level of one image; ``boxes (N, 4)`` aux pixels → ``(N, ΣC_i)``.
+    def aux_branch(self, levels: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Auxiliary features of every box of a batch: ``(ΣN, ΣC_i)``.
 
-        Every level is bilinearly resized to the first level's size and pooled at its stride;
-        pooling level by level gives the same numbers as pooling the channel concatenation.
+        Args:
+            levels: one ``(B, C_i, H_i, W_i)`` map per level, finest first.
+            boxes: one ``(N_b, 4)`` tensor of aux-input-pixel boxes per image (may be empty).
+
+        Every level is bilinearly resized to the finest level's size and pooled at its stride;
+        pooling level by level gives the same numbers as pooling their channel concatenation.
         """
         size = levels[0].shape[-2:]
         pooled = []
         for level in levels:
             if level.shape[-2:] != size:
-                level = F.interpolate(level[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                level = F.interpolate(level.float(), size=size, mode="bilinear", align_corners=False)
             pooled.append(self._pool(level, boxes, self.aux_strides[0]))
         out = torch.cat(pooled, dim=1)
         return self.aux_region_norm(out) if self.aux_region_norm is not None else out
@@ -165,22 +178,22 @@ class HybridRegionEncoder(nn.Module):
     def forward(
         self,
         *,
-        vit_features: torch.Tensor | None,
+        vit_features: Sequence[torch.Tensor] | None,
         vit_stride: float,
-        vit_frame: tuple[int, int],
-        vit_boxes: torch.Tensor,
+        vit_frames: Sequence[tuple[int, int]],
+        vit_boxes: Sequence[torch.Tensor],
         aux_levels: Sequence[torch.Tensor] | None,
-        aux_boxes: torch.Tensor | None,
+        aux_boxes: Sequence[torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Region vectors of one image: ``(N, output_dim)`` in float32.
+        """Region vectors of every box of a batch of images: ``(ΣN, output_dim)`` in float32.
 
         Args:
-            vit_features: ``(C, H, W)`` ViT map (needed when ``vit_dim > 0``).
+            vit_features: one ``(C, H, W)`` ViT map per image (needed when ``vit_dim > 0``).
             vit_stride: ViT-input pixels per cell.
-            vit_frame: ``(width, height)`` of the ViT input, for the position embedding.
-            vit_boxes: ``(N, 4)`` xyxy in ViT-input pixels.
-            aux_levels: the auxiliary maps of this image, finest first (needed when ``aux_dim > 0``).
-            aux_boxes: ``(N, 4)`` xyxy in auxiliary-input pixels.
+            vit_frames: ``(width, height)`` of each image's ViT input, for the position embedding.
+            vit_boxes: one ``(N_b, 4)`` xyxy tensor per image in ViT-input pixels.
+            aux_levels: the auxiliary maps, one ``(B, C_i, H_i, W_i)`` per level, finest first.
+            aux_boxes: one ``(N_b, 4)`` xyxy tensor per image in auxiliary-input pixels.
         """
         parts = []
         if self.aux_dim:
@@ -190,10 +203,18 @@ class HybridRegionEncoder(nn.Module):
         if self.vit_dim:
             if vit_features is None:
                 raise ValueError("this region encoder uses ViT features, but none were given")
-            parts.append(self.vit_branch(vit_features, vit_stride, vit_boxes))
+            pooled = [
+                self.vit_branch(f, vit_stride, b) if len(b) else b.new_zeros(0, self.vit_dim)
+                for f, b in zip(vit_features, vit_boxes, strict=True)
+            ]
+            parts.append(torch.cat(pooled))
         regions = torch.cat(parts, dim=1).float()
         if self.use_position_embedding:
-            regions = regions + box_sine_embedding(vit_boxes, vit_frame, regions.shape[1])
+            embedding = [
+                box_sine_embedding(b, frame, regions.shape[1])
+                for b, frame in zip(vit_boxes, vit_frames, strict=True)
+            ]
+            regions = regions + torch.cat(embedding)
         return regions
 
 

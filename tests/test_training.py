@@ -1,0 +1,231 @@
+"""Training: run configs, stage presets, row-masked embeddings, LoRA, atomic checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlm_fo1.data.collate import FO1Collator
+from vlm_fo1.data.records import read_records
+from vlm_fo1.model import FO1ForConditionalGeneration
+from vlm_fo1.synthetic import ProposalConfig, TaskMix, generate_dataset
+from vlm_fo1.training import configure_trainable, load_run_config, merge_lora, run_config_from_dict, train
+from vlm_fo1.training.stages import fo1_token_ids
+from vlm_fo1.training.trainer import init_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mini")
+    proposals = ProposalConfig(max_proposals=32)
+    generate_dataset(out, 12, seed=0, split_name="train", proposal_config=proposals)
+    generate_dataset(out, 12, seed=0, split_name="general", proposal_config=proposals, mix=TaskMix.general())
+    return out
+
+
+def _config(data_dir: Path, out: Path, stage: int, init: Path | None = None, **extra) -> dict:
+    data = "general.jsonl" if stage == 0 else "train.jsonl"
+    config = {
+        "stage": stage,
+        "seed": 0,
+        "model": {"preset": "tiny", "init": str(init) if init else None, **extra.pop("model", {})},
+        "data": {"train": [{"path": str(data_dir / data)}]},
+        "optim": {"steps": 4, "batch_size": 4, "lr": 1e-3},
+        "output": {"dir": str(out), "save_steps": 2, "logging_steps": 1},
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture(scope="module")
+def stage0(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage0")
+    train(run_config_from_dict(_config(data_dir, out, 0)), progress=False)
+    return out
+
+
+# -- config ------------------------------------------------------------------------------------------------
+def test_run_config_validation(tmp_path):
+    good = {"stage": 1, "model": {"init": "ckpt"}, "data": {"train": [{"path": "d.jsonl"}]}}
+    with pytest.raises(ValueError, match="stage must be one of"):
+        run_config_from_dict({**good, "stage": 3})
+    with pytest.raises(ValueError, match="unknown keys in optim"):
+        run_config_from_dict({**good, "optim": {"stepz": 3}})
+    with pytest.raises(ValueError, match="unknown top-level keys"):
+        run_config_from_dict({**good, "extra": 1})
+    with pytest.raises(ValueError, match=r"set model\.init"):
+        run_config_from_dict({**good, "model": {}})
+    with pytest.raises(ValueError, match="stage 2 only"):
+        run_config_from_dict({**good, "model": {"init": "x", "lora": True}})
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        run_config_from_dict({**good, "optim": {"steps": 0}})
+    with pytest.raises(ValueError, match="at least one JSONL"):
+        run_config_from_dict({**good, "data": {"train": []}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(good))
+    config = load_run_config(path, {"optim": {"steps": 7}})
+    assert config.optim.steps == 7
+    assert config.model.init == str(tmp_path / "ckpt")  # relative to the YAML file
+    assert config.data.train[0].path == str(tmp_path / "d.jsonl")
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        load_run_config(path)
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_stage_presets(stage0):
+    config = run_config_from_dict(_config(Path("."), Path("x"), 1, stage0))
+    model, processor = init_model(config)
+    configure_trainable(model, 0, processor.tokenizer)
+    assert all(n.startswith("vlm.") for n in _trainable(model))
+    assert any(n.startswith("vlm.model.visual.") for n in _trainable(model))
+
+    model, processor = init_model(config)
+    summary = configure_trainable(model, 1, processor.tokenizer)
+    names = _trainable(model)
+    assert {n.split(".")[0] for n in names} == {"aux_encoder", "region_encoder", "connector", "vlm"}
+    assert {n for n in names if n.startswith("vlm.")} == {
+        "vlm.model.language_model.embed_tokens.weight",
+        "vlm.lm_head.weight",
+    }
+    assert summary.row_masked == ["input embeddings", "LM head"]
+
+    model, processor = init_model(config)
+    configure_trainable(model, 2, processor.tokenizer)
+    names = _trainable(model)
+    assert not any(n.startswith("vlm.model.visual.") for n in names)
+    assert any(n.startswith("vlm.model.language_model.layers.") for n in names)
+    assert any(n.startswith("aux_encoder.") for n in names)
+
+
+def test_stage1_updates_only_fo1_token_rows(stage0, data_dir):
+    config = run_config_from_dict(_config(data_dir, Path("x"), 1, stage0))
+    model, processor = init_model(config)
+    configure_trainable(model, 1, processor.tokenizer)
+    before = model.vlm.get_input_embeddings().weight.detach().clone()
+    head_before = model.vlm.lm_head.weight.detach().clone()
+    records = list(read_records(data_dir / "train.jsonl"))[:4]
+    batch = FO1Collator(processor)([(r, data_dir) for r in records])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    ids = fo1_token_ids(model, processor.tokenizer)
+    others = torch.ones(before.shape[0], dtype=torch.bool)
+    others[ids] = False
+    after = model.vlm.get_input_embeddings().weight.detach()
+    assert torch.equal(after[others], before[others])
+    assert torch.equal(model.vlm.lm_head.weight.detach()[others], head_before[others])
+    assert not torch.equal(model.vlm.lm_head.weight.detach()[ids], head_before[ids])
+
+
+def test_lora_trains_and_merges(stage0, data_dir):
+    config = run_config_from_dict(
+        _config(data_dir, Path("x"), 2, stage0, model={"lora": True, "lora_rank": 4})
+    )
+    model, processor = init_model(config)
+    configure_trainable(model, 2, processor.tokenizer, lora=True, lora_rank=4)
+    names = _trainable(model)
+    assert any("lora_A" in n for n in names)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in names)
+    records = list(read_records(data_dir / "train.jsonl"))[:4]
+    batch = FO1Collator(processor)([(r, data_dir) for r in records])
+    for name, param in model.named_parameters():  # a non-zero adapter, as after training
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.eval()
+    with torch.no_grad():
+        with_adapters = model(**batch).logits
+        assert merge_lora(model) > 0
+        merged = model(**batch).logits
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(merged, with_adapters, rtol=1e-4, atol=1e-4)
+
+
+# -- runs --------------------------------------------------------------------------------------------------
+def test_three_stages_chain(stage0, data_dir, tmp_path):
+    assert (stage0 / "model.safetensors").is_file() and (stage0 / "tokenizer.json").is_file()
+    stage1 = tmp_path / "stage1"
+    result = train(
+        run_config_from_dict(_config(data_dir, stage1, 1, stage0, model={"keep": "vlm"})), progress=False
+    )
+    assert result.steps == 4
+    stage2 = tmp_path / "stage2"
+    train(run_config_from_dict(_config(data_dir, stage2, 2, stage1)), progress=False)
+    summary = json.loads((stage2 / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_loss"] > 0
+    logs = [json.loads(line) for line in (stage2 / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in entry for entry in logs)
+    assert sorted(p.name for p in stage2.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # The frozen ViT of stage 2 still equals the stage-0 ViT; the LLM moved.
+    s0 = FO1ForConditionalGeneration.from_pretrained(stage0).state_dict()
+    s2 = FO1ForConditionalGeneration.from_pretrained(stage2).state_dict()
+    visual = [k for k in s0 if k.startswith("vlm.model.visual.")]
+    assert visual and all(torch.equal(s0[k], s2[k]) for k in visual)
+    assert not torch.equal(s0["vlm.lm_head.weight"], s2["vlm.lm_head.weight"])
+
+
+def test_region_source_override_with_fresh_region_side(stage0, data_dir, tmp_path):
+    out = tmp_path / "vit-only"
+    config = _config(data_dir, out, 1, stage0, model={"keep": "vlm", "overrides": {"region_source": "vit"}})
+    train(run_config_from_dict(config), progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["region_source"] == "vit"
+    assert not any(k.startswith("aux_encoder.") for k in load_file(out / "model.safetensors"))
+
+
+def _run_cli(config_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlm_fo1.cli", "train", str(config_path), "--no-progress", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def test_killed_run_resumes_to_the_same_weights(stage0, data_dir, tmp_path):
+    steps = {"optim": {"steps": 8, "batch_size": 4, "lr": 1e-3}}
+    straight = tmp_path / "straight"
+    train(run_config_from_dict({**_config(data_dir, straight, 2, stage0), **steps}), progress=False)
+
+    killed = tmp_path / "killed"
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump({**_config(data_dir, killed, 2, stage0), **steps}))
+    process = _run_cli(path, "--set", "output.save_steps=2")
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.time() < deadline, "no checkpoint-4 within 120 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists()  # it really died before the end
+
+    (killed / ".staging").mkdir(exist_ok=True)  # a half-written save must not be used
+    resumed = train(load_run_config(path), progress=False)
+    assert resumed.resumed_from is not None and int(resumed.resumed_from.rsplit("-", 1)[1]) >= 4
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not (killed / ".staging").exists()
