@@ -359,3 +359,15 @@ def test_match_boxes_is_one_to_one_and_maximal_on_random_sets() -> None:
             else:  # greedy leaves no unmatched target with a free candidate above the threshold
                 free = [j for j in range(len(candidates)) if j not in used]
                 assert all(iou[t, j] < 0.3 for j in free)
+
+
+def test_match_boxes_in_candidate_order_prefers_the_first_good_candidate():
+    target = [[0, 0, 10, 10]]
+    candidates = [[0, 0, 9, 9], [0, 0, 10, 10], [50, 50, 60, 60]]  # IoU 0.81 first, 1.0 second
+    assert match_boxes(candidates, target) == [1]
+    assert match_boxes(candidates, target, order="candidates") == [0]
+    # A candidate claims the target it overlaps most, like COCO evaluation.
+    two = [[0, 0, 10, 10], [8, 0, 18, 10]]
+    assert match_boxes([[6, 0, 16, 10], [0, 0, 10, 10]], two, order="candidates") == [1, 0]
+    with pytest.raises(ValueError, match="order must be"):
+        match_boxes(candidates, target, order="score")

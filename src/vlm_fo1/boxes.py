@@ -281,17 +281,21 @@ def nms_keep(boxes: BoxesLike, scores: Tensor | Sequence[float], iou_threshold: 
 
 
 def match_boxes(
-    candidate_boxes: BoxesLike, target_boxes: BoxesLike, iou_threshold: float = 0.5
+    candidate_boxes: BoxesLike, target_boxes: BoxesLike, iou_threshold: float = 0.5, *, order: str = "iou"
 ) -> list[int | None]:
     """Greedy one-to-one matching of targets (e.g. true objects) to candidates (e.g. proposals).
 
-    Pairs are taken by descending IoU (ties: lower target index, then lower candidate index
-    first), each candidate and each target at most once, while ``IoU >= iou_threshold``.
+    ``order="iou"``: pairs are taken by descending IoU (ties: lower target index, then lower
+    candidate index first). ``order="candidates"``: candidates are taken in their order (sorted
+    by score, as proposals are), each claiming the unmatched target it overlaps most, the rule
+    of COCO evaluation; the highest-scored good box of each object wins. Each candidate and each
+    target is used at most once, and only while ``IoU >= iou_threshold``.
 
     Args:
         candidate_boxes: ``(N, 4)`` xyxy boxes to choose from.
         target_boxes: ``(M, 4)`` xyxy boxes, in the same pixel frame.
         iou_threshold: the least IoU of a match, in ``(0, 1]``.
+        order: ``"iou"`` or ``"candidates"``.
 
     Returns:
         For each target, the index of its matched candidate, or None (a list of length ``M``).
@@ -301,11 +305,23 @@ def match_boxes(
     """
     if isinstance(iou_threshold, bool) or not 0.0 < float(iou_threshold) <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
+    if order not in ("iou", "candidates"):
+        raise ValueError(f"order must be 'iou' or 'candidates', got {order!r}")
     candidates, targets = _coerce(candidate_boxes), _coerce(target_boxes)
     result: list[int | None] = [None] * targets.shape[0]
     if not candidates.shape[0] or not targets.shape[0]:
         return result
     ious = box_iou(targets, candidates).tolist()  # (M, N)
+    if order == "candidates":
+        for c in range(candidates.shape[0]):
+            free = [
+                (ious[t][c], -t)
+                for t in range(len(result))
+                if result[t] is None and ious[t][c] >= iou_threshold
+            ]
+            if free:
+                result[-max(free)[1]] = c
+        return result
     pairs = sorted(
         ((iou, t, c) for t, row in enumerate(ious) for c, iou in enumerate(row) if iou >= iou_threshold),
         key=lambda pair: (-pair[0], pair[1], pair[2]),

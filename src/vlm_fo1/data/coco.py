@@ -163,7 +163,7 @@ class _Image:
     @classmethod
     def build(cls, coco: CocoImage, proposals: ImageProposals, prefix: str, iou: float) -> _Image:
         flat = [(c, box) for c, boxes in coco.boxes.items() for box in boxes]
-        matches = match_boxes(proposals.boxes, [box for _, box in flat], iou)
+        matches = match_boxes(proposals.boxes, [box for _, box in flat], iou, order="candidates")
         regions: dict[int, list[int]] = {c: [] for c in coco.boxes}
         for (c, _), region in zip(flat, matches, strict=True):
             if region is not None:

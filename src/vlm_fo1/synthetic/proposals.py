@@ -243,11 +243,14 @@ def match_proposals(
     proposal_boxes: Sequence[Sequence[float]],
     object_boxes: Sequence[Sequence[float]],
     iou_threshold: float = 0.5,
+    order: str = "candidates",
 ) -> list[int | None]:
     """For each object, the proposal that stands for it, or None.
 
-    Pairs are taken greedily by descending IoU (ties: lower object, then lower proposal index
-    first), each proposal and each object at most once, while ``IoU >= iou_threshold``
-    (:func:`vlm_fo1.boxes.match_boxes`).
+    Proposals come sorted by score; by default each, in that order, claims the unmatched object
+    it overlaps most (IoU >= ``iou_threshold``), as COCO evaluation matches detections: an
+    object's target is its highest-scored good proposal, a rule the model can see (region
+    order), unlike small IoU differences between near-duplicates. ``order="iou"`` pairs by
+    descending IoU instead (:func:`vlm_fo1.boxes.match_boxes`).
     """
-    return match_boxes(proposal_boxes, object_boxes, iou_threshold)
+    return match_boxes(proposal_boxes, object_boxes, iou_threshold, order=order)
