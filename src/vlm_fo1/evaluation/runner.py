@@ -1,0 +1,202 @@
+"""Run a model over conversation records and score its answers.
+
+:func:`evaluate` groups the records by (format, task), batches them (left padding), generates
+greedily while keeping each step's logits, decodes, reads every answer (``prompting.parse``, or
+``coords.parse_box_text`` for coordinate records) and scores it with
+:func:`vlm_fo1.evaluation.scoring.score_records`. A record that fails (unreadable image, too
+many boxes, missing truth …) is listed in ``EvalReport.errors`` and skipped; the run goes on.
+
+:func:`random_choice_map` is the floor a trained model must beat on detection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vlm_fo1.data.records import ConversationRecord
+from vlm_fo1.evaluation.confidence import check_mode, region_token_probabilities
+from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
+from vlm_fo1.evaluation.report import EvalReport
+from vlm_fo1.evaluation.scoring import (
+    TASK_GROUPS,
+    GeneratedAnswer,
+    error_entry,
+    is_coordinate_record,
+    score_records,
+    task_of,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalReport", "evaluate", "generate_answers", "random_choice_map"]
+
+
+def _plan_batches(records: Sequence[ConversationRecord], batch_size: int) -> list[list[int]]:
+    """Indexes of ``records`` in batches of at most ``batch_size``, one (format, task) per batch."""
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault((is_coordinate_record(record), str(task_of(record))), []).append(i)
+    return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+def generate_answers(
+    model: Any,
+    processor: Any,
+    records: Sequence[ConversationRecord],
+    image_root: str | Path | None,
+    max_new_tokens: int,
+) -> list[GeneratedAnswer]:
+    """One batch: encode, generate greedily with logits, decode; raises on any failure."""
+    conversations = [record.prompt_messages() for record in records]
+    images = [record.image_path(image_root) for record in records]
+    batch = processor(conversations, images=images, boxes=[record.boxes for record in records])
+    samples = batch.samples
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,  # raw logits of each step; (B, V) per step, kept until the batch is scored
+            return_dict_in_generate=True,
+        )
+    new_tokens = out.sequences[:, batch["input_ids"].shape[1] :]  # (B, T)
+    steps = out.logits if out.logits is not None else out.scores
+    probs = region_token_probabilities(new_tokens, steps, processor.region_token_ids)
+    return [
+        GeneratedAnswer(
+            text=processor.decode(new_tokens[i]),
+            boxes=samples[i].boxes.tolist(),
+            region_probs=probs[i],
+        )
+        for i in range(len(records))
+    ]
+
+
+def _run_batch(
+    model: Any,
+    processor: Any,
+    records: Sequence[ConversationRecord],
+    indexes: list[int],
+    image_root: str | Path | None,
+    max_new_tokens: int,
+    answers: list[GeneratedAnswer | None],
+    errors: list[dict[str, Any]],
+) -> None:
+    """Generate for ``indexes``; when the batch fails, retry its records one by one to isolate the bad ones."""
+    try:
+        results = generate_answers(
+            model, processor, [records[i] for i in indexes], image_root, max_new_tokens
+        )
+    except Exception as err:  # one bad record must not end the run: it is reported instead
+        if len(indexes) > 1:
+            logger.info("a batch of %d failed (%r); retrying its records one by one", len(indexes), err)
+            for i in indexes:
+                _run_batch(model, processor, records, [i], image_root, max_new_tokens, answers, errors)
+            return
+        logger.warning("record %r failed: %r", records[indexes[0]].id, err)
+        errors.append(error_entry(records[indexes[0]], "generation", err))
+        return
+    for i, result in zip(indexes, results, strict=True):
+        answers[i] = result
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    records: Iterable[ConversationRecord],
+    image_root: str | Path | None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    confidence: str = "product",
+    progress: bool = True,
+) -> EvalReport:
+    """Generate an answer for every record and score them all.
+
+    Args:
+        model: an ``FO1ForConditionalGeneration`` (any model with ``generate`` and parameters).
+        processor: the matching ``FO1Processor``.
+        records: records with their truth in ``meta`` (see ``scoring``'s module docstring).
+        image_root: folder that relative ``record.image`` paths start from.
+        batch_size / max_new_tokens: generation settings (greedy decoding).
+        confidence: the mode reported as ``detection/mAP`` (``proposal``, ``model``, ``product``);
+            all three are reported as ``detection/mAP@<mode>`` anyway.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: for an unknown ``confidence`` or non-positive sizes.
+    """
+    check_mode(confidence)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    records = list(records)
+    answers: list[GeneratedAnswer | None] = [None] * len(records)
+    errors: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
+            _run_batch(model, processor, records, indexes, image_root, max_new_tokens, answers, errors)
+    finally:
+        model.train(was_training)
+    done = [(record, answer) for record, answer in zip(records, answers, strict=True) if answer is not None]
+    report = score_records(
+        [record for record, _ in done], [answer for _, answer in done], confidence=confidence, errors=errors
+    )
+    report.settings.update(
+        records=len(records),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    logger.info("evaluated %d records (%d errors)", len(done), len(errors))
+    return report
+
+
+def random_choice_map(records: Iterable[ConversationRecord], *, draws: int = 5, seed: int = 0) -> float:
+    """Expected COCO mAP@0.5 of a baseline that, for each asked class, picks as many proposals at
+    random as there are true objects (capped at the proposal count), scored by their proposal
+    scores (1.0 without scores); the mean over ``draws`` seeded draws.
+
+    Uses the region-format detection records (``detection``, ``multi_detection``) with
+    ``meta["gt_boxes"]``; ``nan`` when there is none or no true box at all.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    usable = [
+        r
+        for r in records
+        if TASK_GROUPS.get(task_of(r) or "") == "detection"
+        and not is_coordinate_record(r)
+        and "gt_boxes" in r.meta
+    ]
+    if not usable:
+        return math.nan
+    truths, categories = [], {}
+    for image_id, record in enumerate(usable, start=1):
+        classes = list(record.meta.get("classes") or record.meta["gt_boxes"])
+        categories.update(dict.fromkeys(classes))
+        truths.append(DetectionTruth(image_id, {c: record.meta["gt_boxes"].get(c, []) for c in classes}))
+    values = []
+    for draw in range(draws):
+        rng = random.Random(seed * 1_000_003 + draw)
+        detections = []
+        for truth, record in zip(truths, usable, strict=True):
+            for label, boxes in truth.boxes.items():
+                for j in rng.sample(range(len(record.boxes)), min(len(boxes), len(record.boxes))):
+                    score = record.scores[j] if record.scores else 1.0
+                    detections.append(ScoredDetection(truth.image_id, label, record.boxes[j], score))
+        values.append(coco_map(truths, detections, list(categories))["mAP50"])
+    return sum(values) / len(values)
