@@ -59,6 +59,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlm_fo1.evaluation.cli import run_eval
+
+    report = run_eval(
+        args.model,
+        args.data,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        device=args.device,
+        confidence=args.confidence,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    print(f"metrics written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-fo1", description="VLM-FO1: region-token perception for VLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -75,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model on a records file; writes a metrics JSON")
+    evaluate.add_argument("model", help="FO1 checkpoint directory")
+    evaluate.add_argument("data", help="records JSONL (ours or the release's evaluation files)")
+    evaluate.add_argument("--out", default="metrics.json", help="where to write the metrics JSON")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--confidence", choices=["product", "model", "proposal"], default="product")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
 
     smoke = sub.add_parser("smoke", help="run the whole pipeline once on a tiny random model (offline)")
     smoke.add_argument("--boxes", type=int, default=5)

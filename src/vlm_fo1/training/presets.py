@@ -21,7 +21,7 @@ def miniature_tokenizer(max_regions: int = MINIATURE_MAX_REGIONS) -> Any:
     return build_tiny_tokenizer([" ".join(words)] * 4 + words, vocab_size=1200, max_regions=max_regions)
 
 
-def mini_config(tokenizer: Any, **overrides: Any) -> FO1Config:
+def mini_config(tokenizer: Any, init_range: float = 0.02, **overrides: Any) -> FO1Config:
     """A small but capable FO1 for 112-168 px scenes: 4-layer 128-wide LLM, 4-block 64-wide ViT,
     a 4-stage Florence-style DaViT on 128 px inputs, 32 regions."""
     base = tiny_base_config(
