@@ -489,3 +489,30 @@ def test_written_records_round_trip(tmp_path: Path) -> None:
     again = list(read_records(tmp_path / "r.jsonl"))
     assert [r.to_json() for r in again] == [r.to_json() for r in records]
     assert [r.prompt_messages() for r in again] == [r.prompt_messages() for r in records]
+
+
+def test_pack_conversations_merges_turns_about_the_same_image():
+    from vlm_fo1.data import ConversationRecord, pack_conversations
+
+    def rec(i, image, boxes):
+        return ConversationRecord(
+            messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            image=image,
+            boxes=boxes,
+            id=f"r{i}",
+        )
+
+    box = [[0, 0, 5, 5]]
+    records = [
+        rec(0, "a.png", box),
+        rec(1, "b.png", box),
+        rec(2, "a.png", box),
+        rec(3, "a.png", []),
+        rec(4, "a.png", box),
+    ]
+    packed = pack_conversations(records, max_turns=2)
+    assert [p.meta["packed_ids"] for p in packed] == [["r0", "r2"], ["r4"], ["r1"], ["r3"]]
+    assert [m["content"] for m in packed[0].messages] == ["q0", "a0", "q2", "a2"]
+    assert packed[0].id == "r0+1" and packed[1].id == "r4"
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        pack_conversations(records, 0)

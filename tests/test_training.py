@@ -229,3 +229,14 @@ def test_killed_run_resumes_to_the_same_weights(stage0, data_dir, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert not (killed / ".staging").exists()
+
+
+def test_resume_refuses_a_different_config(stage0, data_dir, tmp_path):
+    out = tmp_path / "run"
+    config = _config(data_dir, out, 2, stage0)
+    train(run_config_from_dict(config), progress=False)
+    changed = {**config, "optim": {**config["optim"], "lr": 5e-4}}
+    with pytest.raises(ValueError, match=r"another config \(changed: optim\.lr\)"):
+        train(run_config_from_dict(changed), progress=False)
+    fresh = {**changed, "output": {**changed["output"], "resume": False}}
+    assert train(run_config_from_dict(fresh), progress=False).resumed_from is None

@@ -78,6 +78,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from vlm_fo1.synthetic import ProposalConfig, TaskMix, generate_dataset
+
+    mix = TaskMix.general() if args.general else TaskMix(negative_ratio=args.negative_ratio)
+    proposals = ProposalConfig(max_proposals=args.max_proposals, recall=args.recall)
+    path = generate_dataset(
+        args.out, args.scenes, args.seed, proposal_config=proposals, mix=mix, split_name=args.split
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-fo1", description="VLM-FO1: region-token perception for VLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -106,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--confidence", choices=["product", "model", "proposal"], default="product")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
+
+    synth = sub.add_parser("synth", help="generate miniature-world data (images + records JSONL)")
+    synth.add_argument("out", help="output folder (images/ and {split}.jsonl)")
+    synth.add_argument("--scenes", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--split", default="train", help="split name (also mixed into the seed)")
+    synth.add_argument("--general", action="store_true", help="plain VQA and captions only (stage-0 data)")
+    synth.add_argument("--negative-ratio", type=float, default=0.2)
+    synth.add_argument("--max-proposals", type=int, default=32)
+    synth.add_argument("--recall", type=float, default=0.95, help="simulated proposal recall")
+    synth.set_defaults(func=_cmd_synth)
 
     smoke = sub.add_parser("smoke", help="run the whole pipeline once on a tiny random model (offline)")
     smoke.add_argument("--boxes", type=int, default=5)

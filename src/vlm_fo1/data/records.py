@@ -92,6 +92,42 @@ class ConversationRecord:
         return [_trusted_message(m) for m in self.messages]
 
 
+def pack_conversations(records: Iterable[ConversationRecord], max_turns: int) -> list[ConversationRecord]:
+    """Merge records about the same image and box list into multi-turn conversations.
+
+    Training on several question/answer turns per image encodes the image and the region
+    listing once for all of them. Records are grouped by ``(image, boxes)`` in their order;
+    each group is cut into conversations of at most ``max_turns`` turns. System turns are
+    dropped except the first record's. ``meta["packed_ids"]`` lists the merged record ids.
+    """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    groups: dict[tuple[Any, ...], list[ConversationRecord]] = {}
+    for record in records:
+        key = (record.image, tuple(tuple(b) for b in record.boxes))
+        groups.setdefault(key, []).append(record)
+    packed = []
+    for group in groups.values():
+        for start in range(0, len(group), max_turns):
+            chunk = group[start : start + max_turns]
+            messages = list(chunk[0].messages)
+            for record in chunk[1:]:
+                messages += [m for m in record.messages if m["role"] != "system"]
+            first = chunk[0]
+            packed.append(
+                ConversationRecord(
+                    messages=messages,
+                    image=first.image,
+                    boxes=first.boxes,
+                    scores=first.scores,
+                    id=first.id if len(chunk) == 1 else f"{first.id}+{len(chunk) - 1}",
+                    task=first.task if len(chunk) == 1 else "packed",
+                    meta={**first.meta, "packed_ids": [r.id for r in chunk]},
+                )
+            )
+    return packed
+
+
 def text_to_items(text: str) -> list[dict[str, Any]]:
     """Trusted data text → content items, ``<regionN>`` tags becoming region references."""
     items: list[dict[str, Any]] = []

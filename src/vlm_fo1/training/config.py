@@ -62,9 +62,20 @@ class DataSource:
 
 @dataclass
 class DataSpec:
+    """Training data.
+
+    Attributes:
+        train: the sources, mixed by weight.
+        exclude_negatives: drop records whose ``meta["negative"]`` is true (the no-negatives arm).
+        max_length: raise on longer samples (no silent truncation).
+        pack_turns: merge up to this many records about the same image into one multi-turn
+            conversation (the image and region listing are then encoded once for all of them).
+    """
+
     train: list[DataSource] = field(default_factory=list)
     exclude_negatives: bool = False
     max_length: int | None = None
+    pack_turns: int = 1
 
 
 @dataclass

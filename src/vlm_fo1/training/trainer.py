@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vlm_fo1.config import FO1Config
 from vlm_fo1.data.collate import FO1Collator, RecordDataset
-from vlm_fo1.data.records import ConversationRecord, read_records
+from vlm_fo1.data.records import ConversationRecord, pack_conversations, read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
 from vlm_fo1.training.config import DataSpec, RunConfig
@@ -147,6 +147,8 @@ def build_dataset(spec: DataSpec, num_samples: int, seed: int) -> RecordDataset:
     sources = []
     for source in spec.train:
         records = [r for r in read_records(source.path) if _keep(r, spec, source.tasks)]
+        if spec.pack_turns > 1:
+            records = pack_conversations(records, spec.pack_turns)
         if not records:
             raise ValueError(
                 f"data source {source.path!r} has no records after filtering (tasks={source.tasks})"
@@ -195,19 +197,51 @@ def training_arguments(config: RunConfig, progress: bool) -> TrainingArguments:
     )
 
 
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": …}``: everything that decides the weights (output settings do not)."""
+    flat: dict[str, Any] = {}
+    for section, value in config.items():
+        if section == "output":
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            flat[section] = value
+    return flat
+
+
+def _check_same_run(out: Path, config: RunConfig) -> None:
+    """Refuse to resume checkpoints written under a different config (a silent mix-up otherwise)."""
+    saved_file = out / "run_config.yaml"
+    if not config.output.resume or not saved_file.is_file() or not any(out.glob("checkpoint-*")):
+        return
+    saved, current = _flat(yaml.safe_load(saved_file.read_text())), _flat(config.to_dict())
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(
+            f"{out} holds checkpoints of a run with another config (changed: {', '.join(changed)}); "
+            "use a new output.dir, or set output.resume=false to start over"
+        )
+
+
 def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     """Run one stage; resumes a killed run from its last complete checkpoint."""
     start = time.perf_counter()
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / STAGING, ignore_errors=True)  # a save that was killed half way
+    _check_same_run(out, config)
+    if not config.output.resume:
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+        (out / "log.jsonl").unlink(missing_ok=True)
     (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     set_seed(config.seed)
     model, processor = init_model(config)
     trainable = configure_trainable(
         model, config.stage, processor.tokenizer, lora=config.model.lora, lora_rank=config.model.lora_rank
     )
-    samples = config.optim.steps * config.optim.batch_size * config.optim.grad_accum
+    samples = config.optim.steps * config.optim.batch_size * config.optim.grad_accum  # conversations
     dataset = build_dataset(config.data, samples, config.seed)
     collator = FO1Collator(processor, max_length=config.data.max_length)
     trainer = FO1Trainer(
@@ -221,6 +255,7 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     if resume:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    model = trainer.model
     if config.model.lora:
         logger.info("merged %d LoRA adapters into the LLM", merge_lora(model))
     model.save_pretrained(out)
