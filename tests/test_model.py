@@ -175,3 +175,25 @@ def test_linear_connector_and_no_position_embedding(processor, tokenizer, image)
     batch = processor(P.detect("cat"), images=image, boxes=BOXES)
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_precomputed_encodings_give_the_same_generation(processor, model, image):
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    with torch.no_grad():
+        encoding = model.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        tokens = model.encode_regions(
+            encoding,
+            batch["aux_pixel_values"],
+            batch["region_boxes_vit"],
+            batch["region_boxes_aux"],
+            batch["region_counts"],
+            model._image_index(batch["input_ids"]),
+        )
+    reference = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    cached = dict(batch)
+    for key in ("pixel_values", "aux_pixel_values", "region_boxes_vit", "region_boxes_aux"):
+        cached.pop(key)
+    out = model.generate(
+        **cached, image_encoding=encoding, region_tokens=tokens, max_new_tokens=8, do_sample=False
+    )
+    assert out.tolist() == reference.tolist()

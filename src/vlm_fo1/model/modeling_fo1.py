@@ -26,7 +26,14 @@ from vlm_fo1.model.aux_encoder import aux_feature_geometry, build_aux_encoder, e
 from vlm_fo1.model.region_encoder import HybridRegionEncoder, build_connector
 
 # Inputs used only when the prompt is first processed (dropped on cached decoding steps).
-REGION_INPUT_NAMES = ("aux_pixel_values", "region_boxes_vit", "region_boxes_aux", "region_counts")
+REGION_INPUT_NAMES = (
+    "aux_pixel_values",
+    "region_boxes_vit",
+    "region_boxes_aux",
+    "region_counts",
+    "image_encoding",
+    "region_tokens",
+)
 
 
 class FO1PreTrainedModel(PreTrainedModel):
@@ -225,6 +232,8 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         region_boxes_aux: torch.Tensor | None = None,
         region_counts: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_encoding: ImageEncoding | None = None,
+        region_tokens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Logits (and loss with ``labels``) of the base VLM with region tokens spliced in.
@@ -235,9 +244,13 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
                 encoder's input frame.
             region_counts: ``(B,)`` valid boxes per sample; must equal the number of
                 ``<regionfeat>`` placeholders in each row of ``input_ids``.
+            image_encoding / region_tokens: results of ``encode_images`` / ``encode_regions``
+                computed earlier for these images and boxes (a cache: several questions about one
+                image need the encoders once); ``image_grid_thw`` and ``region_counts`` are
+                still needed for positions and placement.
         """
-        encoding = None
-        if pixel_values is not None:
+        encoding = image_encoding
+        if encoding is None and pixel_values is not None:
             if image_grid_thw is None:
                 raise ValueError("pixel_values were given without image_grid_thw")
             encoding = self.encode_images(pixel_values, image_grid_thw)
@@ -245,16 +258,17 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         if has_regions:
             if input_ids is None:
                 raise ValueError("region inputs need input_ids to locate the <regionfeat> placeholders")
-            if encoding is None:
-                raise ValueError("region inputs need the image (pixel_values and image_grid_thw)")
-            region_tokens = self.encode_regions(
-                encoding,
-                aux_pixel_values,
-                region_boxes_vit,
-                region_boxes_aux,
-                region_counts,
-                self._image_index(input_ids),
-            )
+            if region_tokens is None:
+                if encoding is None:
+                    raise ValueError("region inputs need the image (pixel_values and image_grid_thw)")
+                region_tokens = self.encode_regions(
+                    encoding,
+                    aux_pixel_values,
+                    region_boxes_vit,
+                    region_boxes_aux,
+                    region_counts,
+                    self._image_index(input_ids),
+                )
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             inputs_embeds = self.splice_regions(input_ids, inputs_embeds, region_tokens, region_counts)

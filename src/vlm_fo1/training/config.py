@@ -89,6 +89,7 @@ class OptimSpec:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     num_workers: int = 0
+    region_lr_scale: float = 1.0
 
 
 @dataclass

@@ -32,10 +32,18 @@ def mini_config(tokenizer: Any, init_range: float = 0.02, **overrides: Any) -> F
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        initializer_range=init_range,
     )
     base["vision_config"].update(
-        depth=4, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=128
+        depth=4,
+        hidden_size=64,
+        num_heads=4,
+        intermediate_size=128,
+        out_hidden_size=128,
+        initializer_range=init_range,
     )
+    base["tie_word_embeddings"] = True  # as Qwen2.5-VL-3B; copying a region name needs no separate head row
+
     settings: dict[str, Any] = dict(
         base_config=base,
         aux_encoder_name="davit_base_fl",

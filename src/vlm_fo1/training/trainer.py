@@ -31,7 +31,7 @@ from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
 from vlm_fo1.training.config import DataSpec, RunConfig
 from vlm_fo1.training.presets import miniature_tokenizer, preset_config
-from vlm_fo1.training.stages import TrainableSummary, configure_trainable, merge_lora
+from vlm_fo1.training.stages import REGION_SIDE, TrainableSummary, configure_trainable, merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,32 @@ class FO1Trainer(Trainer):
                 os.replace(folder, target)  # atomic on one filesystem
             shutil.rmtree(staging, ignore_errors=True)
             _rotate(Path(real), self.args.save_total_limit)
+
+    region_lr_scale: float = 1.0
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """AdamW over four groups: (decay or not) × (region side or not); the region side's
+        learning rate is ``region_lr_scale`` times the base rate (it starts from scratch)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((name in decay, name.split(".")[0] in REGION_SIDE), []).append(param)
+        lr = self.args.learning_rate
+        params = [
+            {
+                "params": ps,
+                "weight_decay": self.args.weight_decay if d else 0.0,
+                "lr": lr * (self.region_lr_scale if r else 1.0),
+            }
+            for (d, r), ps in groups.items()
+        ]
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(params, lr=lr, **kwargs)
+        return self.optimizer
 
     def get_decay_parameter_names(self, model: Any) -> list[str]:
         names = super().get_decay_parameter_names(model)
@@ -251,6 +277,7 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         data_collator=collator,
         callbacks=[JsonlLogger(out / "log.jsonl")],
     )
+    trainer.region_lr_scale = config.optim.region_lr_scale
     resume = get_last_checkpoint(str(out)) if config.output.resume and out.exists() else None
     if resume:
         logger.info("resuming from %s", resume)
