@@ -57,6 +57,11 @@ class FO1Config(PreTrainedConfig):
         use_position_embedding: add the sine-cosine embedding of (cy, cx, h... see model code).
         region_layer_norm: LayerNorm on each branch's pooled features.
         connector_type: ``mlp2x_gelu`` (Linear-GELU-Linear) or ``linear``.
+        region_token_norm: RMS-normalise each region token to the RMS of the input embedding
+            table (no parameters; not in the release). Keeps region tokens from growing into
+            constant high-norm vectors, which a small model trained from scratch otherwise
+            learns (they stop carrying region information).
+
         max_regions: maximum number of boxes per image (the number of ``<regionN>`` tokens).
         region_feature_token / region_token_template: the placeholder and region name strings.
         region_feature_token_id: id of the placeholder in the tokenizer (set with the tokenizer).
@@ -86,6 +91,7 @@ class FO1Config(PreTrainedConfig):
     use_position_embedding: bool = True
     region_layer_norm: bool = False
     connector_type: str = "mlp2x_gelu"
+    region_token_norm: bool = False
     max_regions: int = T.DEFAULT_MAX_REGIONS
     region_feature_token: str = T.REGION_FEATURE_TOKEN
     region_token_template: str = T.REGION_TOKEN_TEMPLATE

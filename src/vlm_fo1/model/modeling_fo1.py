@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
@@ -168,7 +169,13 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             aux_levels=aux_levels,
             aux_boxes=aux_boxes,
         )  # (ΣN, region width), float32, images in order = samples in order
-        return self.connector(regions.to(self.connector_dtype))
+        tokens = self.connector(regions.to(self.connector_dtype))  # (ΣN, D_llm)
+        if self.config.region_token_norm:
+            table = self.get_input_embeddings().weight.detach()
+            tokens = F.rms_norm(tokens, (tokens.shape[-1],)) * table.float().pow(2).mean().sqrt().to(
+                tokens.dtype
+            )
+        return tokens
 
     @property
     def connector_dtype(self) -> torch.dtype:
