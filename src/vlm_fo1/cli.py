@@ -1,11 +1,54 @@
-"""``vlm-fo1``: a thin command line over the library (each sub-command calls one library function)."""
+"""``vlm-fo1``: a thin command line over the library (each sub-command calls one library function).
+
+Questions about one image (``vlm_fo1.inference.tasks.run_query``)::
+
+    vlm-fo1 detect IMAGE --labels "cat, dog"
+    vlm-fo1 ground IMAGE "the red cup"
+    vlm-fo1 count IMAGE LABEL
+    vlm-fo1 describe IMAGE --box x1,y1,x2,y2 [--detailed]
+    vlm-fo1 ocr IMAGE --box x1,y1,x2,y2
+    vlm-fo1 ask IMAGE "question"
+
+Common options: ``--model`` (local checkpoint directory or Hub id; offline, a Hub id fails at
+once with exit code 2), ``--proposer`` (default: ``given`` with ``--boxes FILE``, else
+``omdet-turbo``), ``--proposer-model``, ``--boxes FILE`` (JSON, see ``vlm_fo1.proposals.given``),
+``--device``, ``--dtype``, ``--max-new-tokens``, ``--confidence``. ``describe``/``ocr`` without
+``--boxes`` need no detector: the given box is the only candidate.
+
+Output: a short human summary by default; ``--json`` prints one JSON object, the result's
+``to_dict()`` (schema in ``vlm_fo1.inference.results``) plus ``"image"``: the image path::
+
+    {"image": "photo.jpg", "task": "detection", "image_size": [w, h], "num_proposals": 12,
+     "text": "...", "answer": "...", "issues": [],
+     "detections": [{"label", "box": [x1, y1, x2, y2], "score", "region_index",
+                     "model_probability", "proposal_score"}],
+     "count", "count_source"                    (count only)
+     "reasoning", "mentioned_regions"           (describe, ocr, ask)}
+
+``--save annotated.png`` draws the detections (``vlm_fo1.drawing``).
+
+Many images (``vlm_fo1.inference.tasks.run_predict``)::
+
+    vlm-fo1 predict DIR_OR_LIST --labels "cat, dog" --out results.json
+
+writes COCO results, a ``.meta.json`` sidecar (categories, images, failed) and a resumable
+``.progress.jsonl`` next to ``--out``.
+
+Errors a user can fix (bad arguments, missing files, an unreachable model) print one line
+``vlm-fo1 COMMAND: error: …`` on stderr and exit with code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlm_fo1.inference.tasks import ModelSettings
 
 logger = logging.getLogger("vlm_fo1")
 
@@ -27,6 +70,138 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     result = run_smoke(num_boxes=args.boxes, seed=args.seed)
     print(result.summary())
     return 0
+
+
+def _settings(args: argparse.Namespace) -> ModelSettings:
+    from vlm_fo1.inference.hub import resolve_model_path
+
+    model = resolve_model_path(args.model)  # fails fast (offline Hub id), before torch is imported
+    from vlm_fo1.inference.tasks import ModelSettings
+
+    return ModelSettings(
+        model=str(model),
+        proposer=args.proposer,
+        proposer_model=args.proposer_model,
+        boxes=args.boxes,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        confidence=args.confidence,
+    )
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from vlm_fo1.inference.tasks import run_query
+
+    query = {"detect": "labels", "describe": "box", "ocr": "box"}.get(args.command, "query")
+    result = run_query(
+        settings,
+        args.command,
+        args.image,
+        getattr(args, query),
+        detailed=getattr(args, "detailed", False),
+        save=args.save,
+    )
+    if args.json:
+        print(json.dumps({"image": args.image, **result.to_dict()}, ensure_ascii=False))
+    else:
+        print(result.summary())
+    if args.save:
+        print(f"annotated image written to {args.save}", file=sys.stderr)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from vlm_fo1.inference.tasks import run_predict
+
+    summary = run_predict(
+        settings,
+        args.source,
+        args.labels,
+        args.out,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        image_root=args.image_root,
+    )
+    print(summary.summary())
+    return 0
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """Options shared by the inference commands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="FO1 checkpoint: a local directory or a Hub id")
+    common.add_argument(
+        "--proposer",
+        default=None,
+        help="proposal network: given, omdet-turbo, grounding-dino, owlv2 "
+        "(default: given with --boxes, else omdet-turbo)",
+    )
+    common.add_argument(
+        "--proposer-model", default=None, help="the detector's checkpoint (directory or Hub id)"
+    )
+    common.add_argument(
+        "--boxes", default=None, metavar="FILE", help="candidate boxes (JSON) for --proposer given"
+    )
+    common.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: CUDA when available)")
+    common.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    common.add_argument("--max-new-tokens", type=int, default=128)
+    common.add_argument("--confidence", choices=["product", "model", "proposal"], default="product")
+    return common
+
+
+def _output_options() -> argparse.ArgumentParser:
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    output.add_argument(
+        "--save", default=None, metavar="PNG", help="write the image with the detections drawn"
+    )
+    return output
+
+
+def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    parents = [_model_options(), _output_options()]
+    detect = sub.add_parser("detect", parents=parents, help="detect the given classes in an image")
+    detect.add_argument("image")
+    detect.add_argument("--labels", required=True, help='class names, comma-separated ("cat, dog")')
+    ground = sub.add_parser("ground", parents=parents, help="find what a referring expression points at")
+    ground.add_argument("image")
+    ground.add_argument("query", metavar="EXPRESSION")
+    count = sub.add_parser("count", parents=parents, help="count the instances of a class")
+    count.add_argument("image")
+    count.add_argument("query", metavar="LABEL")
+    describe = sub.add_parser("describe", parents=parents, help="describe one region")
+    describe.add_argument("image")
+    describe.add_argument("--box", required=True, help="the region as x1,y1,x2,y2 (original pixels)")
+    describe.add_argument("--detailed", action="store_true", help="a detailed rather than a brief caption")
+    ocr = sub.add_parser("ocr", parents=parents, help="read the text in one region")
+    ocr.add_argument("image")
+    ocr.add_argument("--box", required=True, help="the region as x1,y1,x2,y2 (original pixels)")
+    ask = sub.add_parser("ask", parents=parents, help="ask a free question about an image")
+    ask.add_argument("image")
+    ask.add_argument("query", metavar="QUESTION")
+    for command in (detect, ground, count, describe, ocr, ask):
+        command.set_defaults(func=_cmd_query)
+
+    predict = sub.add_parser(
+        "predict", parents=[_model_options()], help="detect over many images (COCO results)"
+    )
+    predict.add_argument(
+        "source", metavar="DIR_OR_LIST", help="a folder, a text file of paths or a COCO JSON"
+    )
+    predict.add_argument("--labels", required=True, help='class names, comma-separated ("cat, dog")')
+    predict.add_argument("--out", required=True, help="COCO results JSON to write (sidecars go next to it)")
+    predict.add_argument(
+        "--image-root",
+        default=None,
+        help="where relative paths of a list or COCO JSON start (default: its folder)",
+    )
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_cmd_predict)
+    # `vlm-fo1 demo` (owned elsewhere) registers here, beside the inference commands.
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict:
@@ -134,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--boxes", type=int, default=5)
     smoke.add_argument("--seed", type=int, default=0)
     smoke.set_defaults(func=_cmd_smoke)
+
+    _add_inference_commands(sub)
     return parser
 
 
@@ -145,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # errors the user can fix: one line, no traceback
         print(f"vlm-fo1 {args.command}: error: {err}", file=sys.stderr)
         return 2
 

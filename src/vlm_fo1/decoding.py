@@ -1,0 +1,357 @@
+"""Constrained decoding: the model may only name boxes that exist, in a well-formed answer.
+
+:class:`GroundingConstraint` is a transformers ``LogitsProcessor``. At every generation step it
+sets the logits of forbidden tokens to ``-inf``, per sample, following a small state machine over
+the answer grammar ``… <ground>LABEL</ground><objects><regionA><regionB>…</objects> …``:
+
+- *outside* a segment: any text token, the end of turn, ``<ground>``; region tokens only with
+  ``free_region_mentions`` (reasoning, free questions);
+- *in* ``<ground>``: text tokens, and ``</ground>`` once the label holds a non-blank token; with
+  ``labels`` (detection, counting) only a continuation of one of the given label spellings, and
+  ``</ground>`` once a whole label is spelled;
+- *after* ``</ground>``: ``<objects>`` only;
+- *in* ``<objects>``: ``<regionN>`` with ``N <`` this sample's box count (each at most once per
+  group), or ``</objects>``;
+- *finished* (the sample emitted its end-of-turn token): anything (generate pads the row).
+
+Always forbidden: ``<regionfeat>``, chat control tokens other than the end-of-turn tokens, ids
+the tokenizer does not know (padding rows of the embedding matrix), and ``<regionN>`` with ``N``
+at or beyond the sample's box count. When ``max_new_tokens`` is given, an open segment is closed
+in time: no ``<ground>`` is opened without room for ``LABEL</ground><objects></objects>``, and the
+closing tags are forced when the budget runs out, so every answer parses without issues.
+
+When the tokenizer does not hold the four grounding tags as single tokens, the grammar part is
+switched off (with a warning) and only the region-range and placeholder rules apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from vlm_fo1.prompting import tokens as T
+
+logger = logging.getLogger(__name__)
+
+# Byte-level BPE (Qwen) spells the whitespace bytes 9-13 and 32 as chr(256 + byte); "▁" is SentencePiece's space.
+_BLANK_CHARS = frozenset(chr(256 + b) for b in (9, 10, 11, 12, 13, 32)) | frozenset(" \t\n\r\x0b\x0c▁")
+
+OUTSIDE, IN_GROUND, AFTER_GROUND, IN_OBJECTS, FINISHED = range(5)
+# Tokens still needed to close a segment from each state: `LABEL </ground> <objects> </objects>`.
+_TO_CLOSE_EMPTY_LABEL = 4
+_TO_CLOSE_LABEL = 3
+
+
+@dataclass(frozen=True)
+class GrammarVocabulary:
+    """The token ids the constraint needs, read once from a processor's tokenizer.
+
+    Attributes:
+        region_ids: id of ``<region{i}>`` at position i.
+        region_feature_id: id of ``<regionfeat>``.
+        tags: ids of ``<ground>``, ``</ground>``, ``<objects>``, ``</objects>``; None when any of
+            them is not a single token (grammar off).
+        end_ids: end-of-turn ids (``<|im_end|>``, ``<|endoftext|>``).
+        banned_ids: chat control ids that may never be generated.
+        other_special_ids: ``<think>``-style tags, allowed outside segments but not in labels.
+        blank_ids: tokens that spell only whitespace (they do not make a label non-empty).
+        vocab_size: ids at or above this are never allowed.
+    """
+
+    region_ids: tuple[int, ...]
+    region_feature_id: int
+    tags: tuple[int, int, int, int] | None
+    end_ids: tuple[int, ...]
+    banned_ids: tuple[int, ...]
+    other_special_ids: tuple[int, ...]
+    blank_ids: frozenset[int]
+    vocab_size: int
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> GrammarVocabulary:
+        """Read the ids from an ``FO1Processor`` (its tokenizer and region token ids)."""
+        tokenizer = processor.tokenizer
+        vocab: dict[str, int] = tokenizer.get_vocab()
+        tag_ids = [vocab.get(tag) for tag in T.GROUNDING_TAGS]
+        tags = None
+        if any(i is None for i in tag_ids):
+            missing = [tag for tag, i in zip(T.GROUNDING_TAGS, tag_ids, strict=True) if i is None]
+            logger.warning(
+                "grounding tags %s are not single tokens: only region ranges are constrained", missing
+            )
+        else:
+            tags = (int(tag_ids[0]), int(tag_ids[1]), int(tag_ids[2]), int(tag_ids[3]))
+        end_ids = tuple(vocab[t] for t in (T.IM_END, T.END_OF_TEXT) if t in vocab)
+        banned = tuple(vocab[t] for t in T.CHAT_CONTROL_TOKENS if t in vocab and vocab[t] not in end_ids)
+        other = tuple(vocab[t] for t in T.REASONING_TAGS if t in vocab)
+        blank = frozenset(i for token, i in vocab.items() if token and set(token) <= _BLANK_CHARS)
+        return cls(
+            region_ids=tuple(int(i) for i in processor.region_token_ids),
+            region_feature_id=int(processor.region_feature_token_id),
+            tags=tags,
+            end_ids=end_ids,
+            banned_ids=banned,
+            other_special_ids=other,
+            blank_ids=blank,
+            vocab_size=len(tokenizer),
+        )
+
+
+@dataclass
+class _Row:
+    """Grammar state of one sample."""
+
+    state: int = OUTSIDE
+    label: list[int] = field(default_factory=list)  # token ids of the label so far
+    label_started: bool = False  # a non-blank label token was emitted
+    used: set[int] = field(default_factory=set)
+
+
+class GroundingConstraint(LogitsProcessor):
+    """Mask the logits so that each sample names only its own boxes, in a well-formed answer.
+
+    Args:
+        vocabulary: ids from :meth:`GrammarVocabulary.from_processor`.
+        region_counts: number of candidate boxes of each sample, ``(B,)``; ``<regionN>`` is
+            allowed only for ``N < region_counts[b]``.
+        free_region_mentions: allow region tokens outside ``<objects>`` (reasoning, free text).
+        max_new_tokens: the generation budget; when given, open segments are closed in time.
+        unique_regions: forbid naming the same region twice in one ``<objects>`` group.
+        labels: token-id spellings of the allowed labels (``from_processor`` takes strings);
+            None: any label text.
+
+    Each step reads every row's state again from its generated tokens (only the prompt length is
+    kept), so beam search (rows = samples × beams) works; a call with a sequence no longer than
+    the previous one starts a new generation, so one instance may serve several ``generate`` calls.
+    """
+
+    def __init__(
+        self,
+        vocabulary: GrammarVocabulary,
+        region_counts: Sequence[int] | torch.Tensor,
+        *,
+        free_region_mentions: bool = False,
+        max_new_tokens: int | None = None,
+        unique_regions: bool = True,
+        labels: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        counts = region_counts.tolist() if isinstance(region_counts, torch.Tensor) else list(region_counts)
+        limit = len(vocabulary.region_ids)
+        bad = [c for c in counts if not isinstance(c, int) or c < 0 or c > limit]
+        if bad:
+            raise ValueError(f"region counts must be ints in [0, {limit}], got {counts}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
+        self.vocabulary = vocabulary
+        self.region_counts = counts
+        self.free_region_mentions = free_region_mentions
+        self.max_new_tokens = max_new_tokens
+        self.unique_regions = unique_regions
+        self.labels = (
+            None if labels is None else tuple(dict.fromkeys(tuple(int(t) for t in x) for x in labels))
+        )
+        if self.labels is not None and (not self.labels or not all(self.labels)):
+            raise ValueError(f"labels must be non-empty token sequences, got {labels!r}")
+        self._label_set = frozenset(self.labels or ())
+        self._region_index = {token: i for i, token in enumerate(vocabulary.region_ids)}
+        self._masks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._start = 0  # prompt length of the current generation
+        self._seen: int | None = None  # sequence length at the previous call
+
+    @classmethod
+    def from_processor(
+        cls,
+        processor: Any,
+        region_counts: Sequence[int] | torch.Tensor,
+        *,
+        labels: Sequence[str] | None = None,
+        vocabulary: GrammarVocabulary | None = None,
+        **kwargs: Any,
+    ) -> GroundingConstraint:
+        """Build from an ``FO1Processor``, the batch's ``region_counts`` and optional label strings."""
+        vocabulary = vocabulary if vocabulary is not None else GrammarVocabulary.from_processor(processor)
+        spellings = None if labels is None else label_spellings(processor.tokenizer, labels)
+        return cls(vocabulary, region_counts, labels=spellings, **kwargs)
+
+    # -- masks -------------------------------------------------------------------------------------------
+    def _base_masks(
+        self, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample-independent masks ``(V,)``: allowed ``outside`` segments, ``label`` text tokens,
+        and the non-blank label tokens."""
+        key = (width, str(device))
+        if key not in self._masks:
+            v = self.vocabulary
+            valid = torch.zeros(width, dtype=torch.bool, device=device)
+            valid[: min(width, v.vocab_size)] = True
+            never = [v.region_feature_id, *v.banned_ids, *v.region_ids]
+            valid[[i for i in never if i < width]] = False
+            outside, label = valid.clone(), valid.clone()
+            if v.tags is not None:
+                outside[[i for i in v.tags[1:] if i < width]] = False
+                label[[i for i in (*v.tags, *v.end_ids, *v.other_special_ids) if i < width]] = False
+            nonblank = label.clone()
+            nonblank[[i for i in v.blank_ids if i < width]] = False
+            self._masks[key] = (outside, label, nonblank)
+        return self._masks[key]
+
+    def _regions(self, count: int, exclude: set[int]) -> list[int]:
+        ids = self.vocabulary.region_ids[:count]
+        return [token for i, token in enumerate(ids) if i not in exclude]
+
+    def _needed_after_open(self) -> int:
+        """Tokens needed after ``<ground>`` to close the segment: a label, then three tags."""
+        shortest = 1 if self.labels is None else min(len(x) for x in self.labels)
+        return shortest + _TO_CLOSE_LABEL
+
+    def _allowed(self, count: int, state: _Row, room: int | None, width: int, device: torch.device) -> Any:
+        """Bool mask ``(V,)`` of the tokens allowed next for a row in ``state`` with ``count`` boxes
+        (None: no constraint).
+
+        ``room``: generation steps left after this one (None: no budget).
+        """
+        if state.state == FINISHED:
+            return None
+        outside, label, nonblank = self._base_masks(width, device)
+        tags = self.vocabulary.tags
+        if state.state == OUTSIDE or tags is None:
+            allowed = outside.clone()
+            if self.free_region_mentions or tags is None:
+                allowed[self._regions(count, set())] = True
+            if tags is not None and room is not None and room < self._needed_after_open():
+                allowed[tags[0]] = False
+            return allowed
+        allowed = torch.zeros(width, dtype=torch.bool, device=device)
+        if state.state == IN_GROUND and self.labels is not None:
+            allowed[self._label_continuations(state.label, room)] = True
+            if tuple(state.label) in self._label_set:
+                allowed[tags[1]] = True
+        elif state.state == IN_GROUND:
+            if state.label_started:
+                allowed[tags[1]] = True
+                if room is None or room >= _TO_CLOSE_LABEL:
+                    allowed |= label
+            elif room is None or room >= _TO_CLOSE_EMPTY_LABEL:
+                allowed |= label  # a blank token still leaves room for a label and the closing tags
+            else:
+                allowed |= nonblank
+        elif state.state == AFTER_GROUND:
+            allowed[tags[2]] = True
+        else:  # IN_OBJECTS
+            if room is None or room >= 1:
+                allowed[self._regions(count, state.used if self.unique_regions else set())] = True
+            allowed[tags[3]] = True
+        return allowed
+
+    def _label_continuations(self, prefix: list[int], room: int | None) -> list[int]:
+        """Next tokens of the allowed labels that start with ``prefix`` and still fit the budget."""
+        k = len(prefix)
+        result = set()
+        for spelling in self.labels or ():
+            fits = room is None or len(spelling) - k - 1 + _TO_CLOSE_LABEL <= room
+            if fits and len(spelling) > k and list(spelling[:k]) == prefix:
+                result.add(spelling[k])
+        return sorted(result)
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _advance(self, row: _Row, token: int) -> None:
+        v = self.vocabulary
+        if row.state == FINISHED:
+            return
+        if token in v.end_ids:
+            row.state = FINISHED
+            return
+        if v.tags is None:
+            return
+        ground_open, ground_close, objects_open, objects_close = v.tags
+        if row.state == OUTSIDE and token == ground_open:
+            row.state, row.label, row.label_started = IN_GROUND, [], False
+        elif row.state == IN_GROUND:
+            if token == ground_close:
+                row.state = AFTER_GROUND
+            else:
+                row.label.append(token)
+                row.label_started = row.label_started or token not in v.blank_ids
+        elif row.state == AFTER_GROUND and token == objects_open:
+            row.state, row.used = IN_OBJECTS, set()
+        elif row.state == IN_OBJECTS:
+            if token == objects_close:
+                row.state = OUTSIDE
+            elif token in self._region_index:
+                row.used.add(self._region_index[token])
+
+    def _row_counts(self, rows: int) -> list[int]:
+        """Region count of each row; beam search repeats each sample's row ``rows / B`` times."""
+        samples = len(self.region_counts)
+        if rows % samples:
+            raise ValueError(
+                f"expected {samples} sequences (one per region count) or a multiple of that for beams, got {rows}"
+            )
+        return [count for count in self.region_counts for _ in range(rows // samples)]
+
+    def _states(self, input_ids: torch.Tensor) -> list[_Row]:
+        """Grammar state of every row, read again from its generated tokens.
+
+        Nothing is carried between steps but the prompt length, so beam search may reorder rows;
+        a call with a sequence no longer than the previous one starts a new generation.
+        """
+        length = int(input_ids.shape[1])
+        if self._seen is None or length <= self._seen:
+            self._start = length
+        self._seen = length
+        states = []
+        for tokens in input_ids[:, self._start :].tolist():
+            row = _Row()
+            for token in tokens:
+                self._advance(row, token)
+            states.append(row)
+        return states
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``scores`` ``(B, V)`` with forbidden tokens set to ``-inf`` (a new tensor)."""
+        counts = self._row_counts(int(input_ids.shape[0]))
+        states = self._states(input_ids)
+        generated = int(input_ids.shape[1]) - self._start
+        room = None if self.max_new_tokens is None else max(0, self.max_new_tokens - generated - 1)
+        width = int(scores.shape[-1])
+        out = scores.clone()
+        for b, row in enumerate(states):
+            allowed = self._allowed(counts[b], row, room, width, scores.device)
+            if allowed is not None:
+                out[b] = out[b].masked_fill(~allowed, float("-inf"))
+        return out
+
+
+def constrained_processors(
+    processor: Any, region_counts: Sequence[int] | torch.Tensor, **kwargs: Any
+) -> LogitsProcessorList:
+    """A ``LogitsProcessorList`` holding one :class:`GroundingConstraint` (pass to ``generate``).
+
+    ``kwargs`` go to :meth:`GroundingConstraint.from_processor` (``labels``, ``free_region_mentions``,
+    ``max_new_tokens``, a prebuilt ``vocabulary`` …).
+    """
+    return LogitsProcessorList([GroundingConstraint.from_processor(processor, region_counts, **kwargs)])
+
+
+def label_spellings(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label as the model writes it after ``<ground>`` (stripped, no special tokens)."""
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a sequence of strings, got the string {labels!r}")
+    result = [tokenizer.encode(label.strip(), add_special_tokens=False) for label in labels]
+    empty = [label for label, ids in zip(labels, result, strict=True) if not ids]
+    if empty:
+        raise ValueError(f"labels must be non-empty text, got {empty!r}")
+    return result
+
+
+def region_counts_of(batch: Any) -> list[int]:
+    """Boxes per sample of a processor batch (zeros when the batch has no region inputs)."""
+    counts = batch.get("region_counts") if hasattr(batch, "get") else None
+    if counts is None:
+        return [0] * int(batch["input_ids"].shape[0])
+    return [int(c) for c in counts.tolist()]

@@ -1,0 +1,187 @@
+"""GroundingConstraint: only existing regions, a well-formed answer, per sample, on any model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vlm_fo1.decoding import GrammarVocabulary, GroundingConstraint, constrained_processors, region_counts_of
+from vlm_fo1.prompting import parse, region_indexes_in
+from vlm_fo1.prompting import templates as P
+from vlm_fo1.prompting import tokens as T
+from vlm_fo1.testing import tiny_model
+
+from conftest import make_image
+
+BOXES = [[i * 8.0, i * 5.0, i * 8.0 + 40, i * 5.0 + 30] for i in range(12)]
+COUNTS = (12, 3, 0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fake(config):
+    """A tiny random model whose logits get a fixed bias (set per test): a stand-in for a model
+    that insists on some tokens. The bias is a forward hook on the output layer."""
+    model = tiny_model(config, seed=3)
+    bias = torch.zeros(config.text_config.vocab_size)
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias.to(out.dtype))
+    return model, bias
+
+
+def _batch(processor, counts=COUNTS, prompt=None):
+    prompt = prompt or P.detect("cat")
+    return processor(
+        [[{"role": "user", "content": prompt}] for _ in counts],
+        images=[make_image(130, 90, seed=i) for i in range(len(counts))],
+        boxes=[BOXES[:n] for n in counts],
+    )
+
+
+def _generate(model, processor, batch, max_new_tokens, constrained=True, seed=None, beams=1, **kwargs):
+    processors = (
+        constrained_processors(processor, region_counts_of(batch), max_new_tokens=max_new_tokens, **kwargs)
+        if constrained
+        else None
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=seed is not None,
+            num_beams=beams,
+            logits_processor=processors,
+        )
+    return [processor.decode(row) for row in out[:, batch["input_ids"].shape[1] :]]
+
+
+def _ids(processor, *tokens):
+    return [processor.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def test_forced_out_of_range_region_never_appears(processor, fake):
+    model, bias = fake
+    bias.zero_()
+    bias[processor.region_token_ids[31]] = 50.0  # the fake model always wants <region31>
+    bias[_ids(processor, T.GROUND_OPEN, T.GROUND_CLOSE, T.OBJECTS_OPEN)] = 30.0
+    batch = _batch(processor)
+    free = _generate(model, processor, batch, 12, constrained=False)
+    assert all("<region31>" in text for text in free)  # unconstrained: the impossible region wins
+    greedy, beams = _generate(model, processor, batch, 12), _generate(model, processor, batch, 12, beams=3)
+    for texts in (greedy, beams):
+        for text, count in zip(texts, COUNTS, strict=True):
+            indexes = region_indexes_in(text)
+            assert all(i < count for i in indexes), (count, text)
+            assert T.REGION_FEATURE_TOKEN not in text
+            assert parse(text).ok
+    assert any(region_indexes_in(text) for text in greedy)
+    bias.zero_()
+
+
+@pytest.mark.parametrize("max_new_tokens", [7, 16, 29])
+def test_grammar_holds_on_sampled_answers(processor, fake, max_new_tokens):
+    model, bias = fake
+    bias.zero_()
+    special = _ids(processor, T.GROUND_OPEN, T.GROUND_CLOSE, T.OBJECTS_OPEN, T.OBJECTS_CLOSE, T.IM_END)
+    bias[special] = 6.0
+    bias[processor.region_token_ids] = 6.0
+    bias[processor.region_feature_token_id] = 20.0
+    batch = _batch(processor)
+    for seed in range(3):
+        texts = _generate(model, processor, batch, max_new_tokens, seed=seed)
+        for text, count, sample in zip(texts, COUNTS, batch.samples, strict=True):
+            parsed = parse(text, sample.boxes)
+            assert parsed.ok, (text, parsed.issues)  # closed tags, nothing dropped or malformed
+            assert not parsed.dropped_indexes and not parsed.mentioned_indexes
+            assert all(i < count for i in region_indexes_in(text))
+            assert T.REGION_FEATURE_TOKEN not in text
+    bias.zero_()
+
+
+def test_labels_restrict_the_grounded_text(processor, fake):
+    model, bias = fake
+    bias.zero_()
+    bias[_ids(processor, T.GROUND_OPEN, T.GROUND_CLOSE)] = 8.0
+    bias[processor.region_token_ids] = 6.0
+    batch = _batch(processor, counts=(12, 3), prompt=P.detect(["cat", "dog"]))
+    for seed in range(2):
+        texts = _generate(model, processor, batch, 24, seed=seed, labels=["cat", "red circle"])
+        labels = {g.label for text in texts for g in parse(text).groups}
+        assert labels and labels <= {"cat", "red circle"}
+    bias.zero_()
+
+
+def test_free_region_mentions_only_when_allowed(processor, fake):
+    model, bias = fake
+    bias.zero_()
+    bias[processor.region_token_ids] = 30.0
+    batch = _batch(processor, counts=(12, 3), prompt=P.ask("What is there?"))
+    strict = _generate(model, processor, batch, 8)
+    free = _generate(model, processor, batch, 8, free_region_mentions=True)
+    assert not any(region_indexes_in(text) for text in strict)
+    for text, count in zip(free, (12, 3), strict=True):
+        indexes = region_indexes_in(text)
+        assert indexes and all(i < count for i in indexes)
+    bias.zero_()
+
+
+def _step(constraint, prefix, width):
+    """Allowed ids after the generated ``prefix`` (a fresh generation of one sample)."""
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    constraint(prompt, torch.zeros(1, width))  # first step: resets the state
+    ids = prompt
+    for token in prefix:
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        scores = constraint(ids, torch.zeros(1, width))
+    if not prefix:
+        scores = constraint(prompt, torch.zeros(1, width))
+    return set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
+
+
+def test_state_machine_step_by_step(processor):
+    vocab = GrammarVocabulary.from_processor(processor)
+    ground, ground_close, objects, objects_close = vocab.tags
+    regions = processor.region_token_ids
+    width = len(processor.tokenizer) + 5  # padded embedding rows are never allowed
+    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
+    constraint = GroundingConstraint(vocab, [4])
+
+    start = _step(constraint, [], width)
+    assert ground in start and not start & {ground_close, objects, objects_close, *regions}
+    assert processor.region_feature_token_id not in start and max(start) < len(processor.tokenizer)
+    assert _step(constraint, [ground, *cat, ground_close], width) == {objects}
+    inside = _step(constraint, [ground, *cat, ground_close, objects, regions[2]], width)
+    assert inside == {objects_close, regions[0], regions[1], regions[3]}  # no repeat, nothing >= 4
+    assert _step(constraint, [ground], width).isdisjoint({ground_close, *vocab.end_ids})  # empty label
+
+    budget = GroundingConstraint(vocab, [4], max_new_tokens=4)
+    assert ground not in _step(budget, [], width)  # no room for LABEL</ground><objects></objects>
+    tight = GroundingConstraint(vocab, [4], max_new_tokens=len(cat) + 4)
+    assert _step(tight, [ground, *cat], width) == {ground_close}  # closes in time
+
+
+def test_bad_region_counts_raise(processor):
+    vocab = GrammarVocabulary.from_processor(processor)
+    with pytest.raises(ValueError, match=r"\[0, 32\]"):
+        GroundingConstraint(vocab, [33])
+    with pytest.raises(ValueError, match="one per region count"):
+        _step(GroundingConstraint(vocab, [1, 2]), [], 10)
+
+
+def test_without_single_token_tags_only_region_ranges_apply(processor):
+    vocab = dataclasses.replace(GrammarVocabulary.from_processor(processor), tags=None)
+    regions = processor.region_token_ids
+    allowed = _step(GroundingConstraint(vocab, [2]), [], len(processor.tokenizer))
+    assert {regions[0], regions[1]} <= allowed and not allowed & set(regions[2:])
+    assert processor.region_feature_token_id not in allowed
