@@ -197,3 +197,39 @@ def test_precomputed_encodings_give_the_same_generation(processor, model, image)
         **cached, image_encoding=encoding, region_tokens=tokens, max_new_tokens=8, do_sample=False
     )
     assert out.tolist() == reference.tolist()
+
+
+def test_batch_region_norm_standardises_tokens_and_round_trips(tmp_path, processor, tokenizer, image):
+    model = tiny_model(tiny_config(tokenizer, region_token_norm="batch"))
+    target = model.get_input_embeddings().weight.detach().pow(2).mean().sqrt()
+    raw = torch.randn(7, model.config.text_config.hidden_size) * 50 + 3
+    model.train()
+    out = model._finish_region_tokens(raw, torch.tensor([3, 4]))
+    torch.testing.assert_close(out.mean(0), torch.zeros(out.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(0, unbiased=False), target.expand(out.shape[1]), rtol=1e-2, atol=0)
+    assert model.region_token_bn.running_mean.abs().sum() > 0  # running statistics were updated
+    model.eval()  # inference: running statistics, so one image's tokens do not depend on another's
+    one = model._finish_region_tokens(raw[:1], torch.tensor([1]))
+    torch.testing.assert_close(one, model._finish_region_tokens(raw, torch.tensor([3, 4]))[:1])
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    model.save_pretrained(tmp_path)
+    loaded = FO1ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded.region_token_bn.running_var, model.region_token_bn.running_var)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=0)
+
+
+def test_region_name_embedding_adds_each_regions_own_name(tokenizer):
+    model = tiny_model(tiny_config(tokenizer, region_name_embedding=True)).eval()
+    ids = model.config.region_token_ids
+    zeros = torch.zeros(5, model.config.text_config.hidden_size)
+    out = model._finish_region_tokens(zeros, torch.tensor([2, 3]))
+    table = model.get_input_embeddings().weight
+    torch.testing.assert_close(out, table[[ids[0], ids[1], ids[0], ids[1], ids[2]]])
+
+
+def test_region_token_options_are_validated(tokenizer):
+    with pytest.raises(ValueError, match="region_token_norm"):
+        tiny_config(tokenizer, region_token_norm="layer")
+    with pytest.raises(ValueError, match="region_token_ids"):
+        tiny_config(tokenizer, region_name_embedding=True, region_token_ids=None)

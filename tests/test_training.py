@@ -115,6 +115,11 @@ def test_stage_presets(stage0):
     assert any(n.startswith("vlm.model.language_model.layers.") for n in names)
     assert any(n.startswith("aux_encoder.") for n in names)
 
+    model, processor = init_model(config)
+    configure_trainable(model, 2, processor.tokenizer, freeze=["aux_encoder", "vlm.lm_head"])
+    frozen_extra = _trainable(model)
+    assert frozen_extra == {n for n in names if not n.startswith(("aux_encoder", "vlm.lm_head"))}
+
 
 def test_stage1_updates_only_fo1_token_rows(stage0, data_dir):
     config = run_config_from_dict(_config(data_dir, Path("x"), 1, stage0))

@@ -20,6 +20,8 @@ from vlm_fo1.prompting import tokens as T
 AUX_RESIZE_MODES = ("squash", "dynamic", "dynamic_square")
 REGION_SOURCES = ("hybrid", "vit", "aux")
 CONNECTOR_TYPES = ("linear", "mlp2x_gelu")
+REGION_TOKEN_NORMS = (None, "rms", "batch")
+
 # Square sides that ``dynamic_square`` picks from (the release's list, official-release.md §2.3).
 DYNAMIC_SQUARE_SIDES = (384, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024, 1280, 1536, 1792, 2048)
 
@@ -57,10 +59,14 @@ class FO1Config(PreTrainedConfig):
         use_position_embedding: add the sine-cosine embedding of (cy, cx, h... see model code).
         region_layer_norm: LayerNorm on each branch's pooled features.
         connector_type: ``mlp2x_gelu`` (Linear-GELU-Linear) or ``linear``.
-        region_token_norm: RMS-normalise each region token to the RMS of the input embedding
-            table (no parameters; not in the release). Keeps region tokens from growing into
-            constant high-norm vectors, which a small model trained from scratch otherwise
-            learns (they stop carrying region information).
+        region_token_norm: not in the release; for models trained from scratch, whose region
+            tokens otherwise collapse into one constant vector that carries no region
+            information. ``None``: off (the release); ``rms``: each token RMS-normalised to the
+            RMS of the input embedding table; ``batch``: each feature standardised over the
+            batch's region tokens (BatchNorm without affine, running statistics at inference),
+            then scaled to that RMS, so the tokens cannot stop varying.
+        region_name_embedding: not in the release; add the embedding of ``<regionN>`` to region
+            token N, so a region token carries its own name (retrieval needs one attention hop).
 
         max_regions: maximum number of boxes per image (the number of ``<regionN>`` tokens).
         region_feature_token / region_token_template: the placeholder and region name strings.
@@ -91,7 +97,8 @@ class FO1Config(PreTrainedConfig):
     use_position_embedding: bool = True
     region_layer_norm: bool = False
     connector_type: str = "mlp2x_gelu"
-    region_token_norm: bool = False
+    region_token_norm: str | None = None
+    region_name_embedding: bool = False
     max_regions: int = T.DEFAULT_MAX_REGIONS
     region_feature_token: str = T.REGION_FEATURE_TOKEN
     region_token_template: str = T.REGION_TOKEN_TEMPLATE
@@ -117,6 +124,7 @@ class FO1Config(PreTrainedConfig):
         _check_choice("aux_resize_mode", self.aux_resize_mode, AUX_RESIZE_MODES)
         _check_choice("region_source", self.region_source, REGION_SOURCES)
         _check_choice("connector_type", self.connector_type, CONNECTOR_TYPES)
+        _check_choice("region_token_norm", self.region_token_norm, REGION_TOKEN_NORMS)
         for name in ("aux_image_size", "fpn_channels", "roi_output_size", "max_regions"):
             _check_positive(name, getattr(self, name))
         if self.roi_sampling_ratio == 0 or self.roi_sampling_ratio < -1:
@@ -134,6 +142,8 @@ class FO1Config(PreTrainedConfig):
         blocks = self.feature_blocks
         if not blocks or any(not 0 <= b < depth for b in blocks):
             raise ValueError(f"FO1Config.vit_feature_blocks must be indexes in [0, {depth}), got {blocks}")
+        if self.region_name_embedding and self.region_token_ids is None:
+            raise ValueError("FO1Config.region_name_embedding needs region_token_ids (the <regionN> ids)")
         if self.region_token_ids is not None and len(self.region_token_ids) != self.max_regions:
             raise ValueError(
                 f"FO1Config.region_token_ids must have max_regions={self.max_regions} ids, "

@@ -79,6 +79,11 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         self.connector = build_connector(
             config.connector_type, self.region_encoder.output_dim, config.text_config.hidden_size
         )
+        hidden = config.text_config.hidden_size
+        self.region_token_bn = (
+            nn.BatchNorm1d(hidden, affine=False) if config.region_token_norm == "batch" else None
+        )
+
         self.post_init()
 
     @classmethod
@@ -170,11 +175,31 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             aux_boxes=aux_boxes,
         )  # (ΣN, region width), float32, images in order = samples in order
         tokens = self.connector(regions.to(self.connector_dtype))  # (ΣN, D_llm)
-        if self.config.region_token_norm:
-            table = self.get_input_embeddings().weight.detach()
-            tokens = F.rms_norm(tokens, (tokens.shape[-1],)) * table.float().pow(2).mean().sqrt().to(
-                tokens.dtype
-            )
+        return self._finish_region_tokens(tokens, region_counts)
+
+    def _finish_region_tokens(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Optional normalisation and name embedding (off in the release; see ``FO1Config``)."""
+        table = self.get_input_embeddings().weight
+        if self.config.region_token_norm is not None:
+            if self.region_token_bn is not None:
+                bn = self.region_token_bn
+                batch_stats = bn.training and tokens.shape[0] > 1  # one row has no batch statistics
+                tokens = F.batch_norm(
+                    tokens.float(),
+                    bn.running_mean,
+                    bn.running_var,
+                    training=batch_stats,
+                    momentum=bn.momentum,
+                    eps=bn.eps,
+                ).to(tokens.dtype)
+
+            else:
+                tokens = F.rms_norm(tokens, (tokens.shape[-1],))
+            tokens = tokens * table.detach().float().pow(2).mean().sqrt().to(tokens.dtype)
+        if self.config.region_name_embedding:
+            index = torch.cat([torch.arange(int(n), device=tokens.device) for n in counts.tolist()])
+            ids = torch.tensor(self.config.region_token_ids, device=tokens.device)[index]
+            tokens = tokens + table[ids].to(tokens.dtype)
         return tokens
 
     @property

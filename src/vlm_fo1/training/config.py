@@ -41,6 +41,8 @@ class ModelSpec:
         overrides: ``FO1Config`` fields to change (e.g. ``{region_source: vit}``).
         lora: stage 2 only: train LoRA adapters on the LLM instead of all its weights.
         lora_rank: LoRA rank.
+        freeze: parameter-name prefixes kept frozen on top of the stage preset (e.g.
+            ``[aux_encoder]``).
     """
 
     init: str | None = None
@@ -49,6 +51,7 @@ class ModelSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     lora: bool = False
     lora_rank: int = 16
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

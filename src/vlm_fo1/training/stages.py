@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,9 +100,16 @@ def merge_lora(model: FO1ForConditionalGeneration) -> int:
 
 
 def configure_trainable(
-    model: FO1ForConditionalGeneration, stage: int, tokenizer, *, lora: bool = False, lora_rank: int = 16
+    model: FO1ForConditionalGeneration,
+    stage: int,
+    tokenizer,
+    *,
+    lora: bool = False,
+    lora_rank: int = 16,
+    freeze: Sequence[str] = (),
 ) -> TrainableSummary:
-    """Freeze everything, then unfreeze the stage's groups; returns what trains."""
+    """Freeze everything, unfreeze the stage's groups, then re-freeze names starting with any of
+    ``freeze``; returns what trains."""
     model.requires_grad_(False)
     summary = TrainableSummary(stage=stage, lora=lora)
     vlm = model.vlm
@@ -127,6 +135,9 @@ def configure_trainable(
             if not getattr(weight, "_fo1_row_masked", False):
                 _train_rows(weight, ids)
                 summary.row_masked.append(label)
+    for name, param in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in freeze):
+            param.requires_grad_(False)
     for name, param in model.named_parameters():
         parts = name.split(".")
         group = ".".join(

@@ -265,8 +265,14 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     set_seed(config.seed)
     model, processor = init_model(config)
     trainable = configure_trainable(
-        model, config.stage, processor.tokenizer, lora=config.model.lora, lora_rank=config.model.lora_rank
+        model,
+        config.stage,
+        processor.tokenizer,
+        lora=config.model.lora,
+        lora_rank=config.model.lora_rank,
+        freeze=config.model.freeze,
     )
+
     samples = config.optim.steps * config.optim.batch_size * config.optim.grad_accum  # conversations
     dataset = build_dataset(config.data, samples, config.seed)
     collator = FO1Collator(processor, max_length=config.data.max_length)
