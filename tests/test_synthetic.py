@@ -29,6 +29,7 @@ from vlm_fo1.synthetic import (
     TaskMix,
     build_scene,
     derive_seed,
+    difficulty_configs,
     generate_dataset,
     image_caption,
     make_records,
@@ -151,6 +152,23 @@ def test_proposal_iou_statistics_at_defaults() -> None:
 def test_recall_setting_is_respected(recall: float) -> None:
     _, _, measured = _proposal_stats(ProposalConfig(recall=recall), scenes=200)
     assert abs(measured - recall) < 0.07
+
+
+def test_difficulty_levels_grow_scenes_and_proposal_noise() -> None:
+    sizes = {}
+    for level in ("easy", "medium", "full"):
+        scene_config, proposal_config = difficulty_configs(level, max_proposals=32)
+        counts = []
+        for index in range(60):
+            scene, proposals = build_scene(3, level, index, scene_config, proposal_config)
+            counts.append((len(scene.objects), len(proposals)))
+        sizes[level] = np.mean(counts, axis=0)
+        if level == "easy":  # at most one box beyond one per object
+            assert all(1 <= o <= 2 and p <= o + 1 for o, p in counts)
+    assert sizes["easy"][1] < sizes["medium"][1] < sizes["full"][1]
+    assert difficulty_configs("full") == (SceneConfig(), ProposalConfig())
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        difficulty_configs("hard")
 
 
 def test_proposals_capped_sorted_clipped() -> None:

@@ -20,8 +20,9 @@ from vlm_fo1.data.records import read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.synthetic import ProposalConfig, TaskMix, generate_dataset
 from vlm_fo1.training import configure_trainable, load_run_config, merge_lora, run_config_from_dict, train
+from vlm_fo1.training.perception import pretrain_region_perception, read_scene_regions
 from vlm_fo1.training.stages import fo1_token_ids
-from vlm_fo1.training.trainer import init_model
+from vlm_fo1.training.trainer import init_model, weighted_token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,6 +143,30 @@ def test_stage1_updates_only_fo1_token_rows(stage0, data_dir):
     assert not torch.equal(model.vlm.lm_head.weight.detach()[ids], head_before[ids])
 
 
+def test_region_loss_weight_matches_the_model_loss_and_upweights_region_tokens(stage0, data_dir):
+    config = run_config_from_dict(_config(data_dir, Path("x"), 1, stage0))
+    model, processor = init_model(config)
+    records = [r for r in read_records(data_dir / "train.jsonl") if "<region" in r.messages[-1]["content"]]
+    batch = FO1Collator(processor)([(r, data_dir) for r in records[:4]])
+    with torch.no_grad():
+        out = model(**batch)
+    ids = model.config.region_token_ids
+    torch.testing.assert_close(weighted_token_loss(out.logits, batch["labels"], ids, 1.0), out.loss)
+    targets = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    region = torch.isin(targets, torch.tensor(ids))
+    assert region.any()
+    # a huge weight leaves (almost) only the region tokens' mean
+    only_regions = per_token[region].mean()
+    torch.testing.assert_close(
+        weighted_token_loss(out.logits, batch["labels"], ids, 1e6), only_regions, rtol=1e-3, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="region_loss_weight must be a positive number"):
+        run_config_from_dict(_config(data_dir, Path("x"), 1, stage0, optim={"region_loss_weight": 0}))
+
+
 def test_lora_trains_and_merges(stage0, data_dir):
     config = run_config_from_dict(
         _config(data_dir, Path("x"), 2, stage0, model={"lora": True, "lora_rank": 4})
@@ -174,7 +199,9 @@ def test_three_stages_chain(stage0, data_dir, tmp_path):
     )
     assert result.steps == 4
     stage2 = tmp_path / "stage2"
-    train(run_config_from_dict(_config(data_dir, stage2, 2, stage1)), progress=False)
+    stage2_config = _config(data_dir, stage2, 2, stage1)
+    stage2_config["optim"]["region_loss_weight"] = 4.0  # through FO1Trainer.compute_loss
+    train(run_config_from_dict(stage2_config), progress=False)
     summary = json.loads((stage2 / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_loss"] > 0
     logs = [json.loads(line) for line in (stage2 / "log.jsonl").read_text().splitlines()]
@@ -245,3 +272,39 @@ def test_resume_refuses_a_different_config(stage0, data_dir, tmp_path):
         train(run_config_from_dict(changed), progress=False)
     fresh = {**changed, "output": {**changed["output"], "resume": False}}
     assert train(run_config_from_dict(fresh), progress=False).resumed_from is None
+
+
+# -- region perception pretraining --------------------------------------------------------------------------
+def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0, tmp_path):
+    data = tmp_path / "world"
+    generate_dataset(data, 90, seed=5, split_name="train", proposal_config=ProposalConfig(max_proposals=8))
+    config = run_config_from_dict(_config(data, Path("x"), 1, stage0, model={"keep": "vlm"}))
+    model, processor = init_model(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = pretrain_region_perception(
+        model,
+        processor,
+        data / "train_scenes.jsonl",
+        steps=40,
+        batch_size=8,
+        lr=3e-3,
+        held_out=30,
+        progress=False,
+    )
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"aux_encoder", "region_encoder"}
+    assert all(p.requires_grad for p in model.parameters())  # handed back trainable
+    majority = {}
+    scenes = read_scene_regions(data / "train_scenes.jsonl")[-30:]
+    for name in ("kind", "colour", "size"):
+        values = [labels[name] for _, _, per_box in scenes for labels in per_box]
+        majority[name] = max(values.count(v) for v in set(values)) / len(values)
+    assert result.accuracy["colour"] > majority["colour"] + 0.1, (result.accuracy, majority)
+    with pytest.raises(ValueError, match="held_out"):
+        pretrain_region_perception(
+            model, processor, data / "train_scenes.jsonl", held_out=500, progress=False
+        )
+    with pytest.raises(ValueError, match="expected scene truth with proposals"):
+        bad = tmp_path / "bad_scenes.jsonl"
+        bad.write_text('{"image": "x.png"}\n')
+        read_scene_regions(bad)

@@ -72,6 +72,20 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vlm_fo1.demo import run_demo
+
+    result = run_demo(
+        args.model,
+        seed=args.seed,
+        difficulty=args.difficulty,
+        save=None if args.no_save else args.save,
+        device=args.device,
+    )
+    print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else result.summary())
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> ModelSettings:
     from vlm_fo1.inference.hub import resolve_model_path
 
@@ -254,12 +268,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vlm_fo1.synthetic import ProposalConfig, TaskMix, generate_dataset
+    from vlm_fo1.synthetic import TaskMix, difficulty_configs, generate_dataset
 
     mix = TaskMix.general() if args.general else TaskMix(negative_ratio=args.negative_ratio)
-    proposals = ProposalConfig(max_proposals=args.max_proposals, recall=args.recall)
+    scenes, proposals = difficulty_configs(
+        args.difficulty, max_proposals=args.max_proposals, recall=args.recall
+    )
     path = generate_dataset(
-        args.out, args.scenes, args.seed, proposal_config=proposals, mix=mix, split_name=args.split
+        args.out,
+        args.scenes,
+        args.seed,
+        scene_config=scenes,
+        proposal_config=proposals,
+        mix=mix,
+        split_name=args.split,
     )
     print(f"wrote {path}")
     return 0
@@ -303,12 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--negative-ratio", type=float, default=0.2)
     synth.add_argument("--max-proposals", type=int, default=32)
     synth.add_argument("--recall", type=float, default=0.95, help="simulated proposal recall")
+    synth.add_argument(
+        "--difficulty",
+        choices=["easy", "medium", "full"],
+        default="full",
+        help="curriculum level: easy = 1-2 objects with clean proposals (see docs/training.md)",
+    )
     synth.set_defaults(func=_cmd_synth)
 
     smoke = sub.add_parser("smoke", help="run the whole pipeline once on a tiny random model (offline)")
     smoke.add_argument("--boxes", type=int, default=5)
     smoke.add_argument("--seed", type=int, default=0)
     smoke.set_defaults(func=_cmd_smoke)
+
+    demo = sub.add_parser(
+        "demo", help="the shipped miniature-world checkpoint on a generated scene (offline; writes a PNG)"
+    )
+    demo.add_argument("--model", default=None, help="FO1 checkpoint directory (default: the shipped demo)")
+    demo.add_argument("--seed", type=int, default=0, help="which scene to generate")
+    demo.add_argument("--difficulty", choices=["easy", "medium", "full"], default="medium")
+    demo.add_argument("--save", default="fo1_demo.png", help="annotated PNG to write")
+    demo.add_argument("--no-save", action="store_true", help="do not write the annotated PNG")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.set_defaults(func=_cmd_demo)
 
     _add_inference_commands(sub)
     return parser

@@ -9,7 +9,14 @@ deterministic from integer seeds. Typical use::
     val = generate_dataset("data/mini", 200, seed=0, split_name="val")
 """
 
-from vlm_fo1.synthetic.dataset import build_scene, derive_seed, generate_dataset, scene_truth
+from vlm_fo1.synthetic.dataset import (
+    DIFFICULTIES,
+    build_scene,
+    derive_seed,
+    difficulty_configs,
+    generate_dataset,
+    scene_truth,
+)
 from vlm_fo1.synthetic.language import (
     CAPTION_QUESTION,
     VQA_QUESTION_FORMS,
@@ -35,6 +42,7 @@ from vlm_fo1.synthetic.tasks import (
 
 __all__ = [
     "CAPTION_QUESTION",
+    "DIFFICULTIES",
     "GENERAL_TASKS",
     "NEGATIVE_TASKS",
     "REGION_TASKS",
@@ -50,6 +58,7 @@ __all__ = [
     "TaskMix",
     "build_scene",
     "derive_seed",
+    "difficulty_configs",
     "generate_dataset",
     "grounding_answer",
     "image_caption",

@@ -66,6 +66,41 @@ def build_scene(
     return scene, proposals
 
 
+DIFFICULTIES = ("easy", "medium", "full")
+
+
+def difficulty_configs(
+    difficulty: str, *, max_proposals: int = 100, recall: float = 0.95
+) -> tuple[SceneConfig, ProposalConfig]:
+    """Scene and proposal settings of a curriculum level.
+
+    Small models learn to pick region names from a few candidates long before they learn it from
+    many (a curriculum breaks the plateau, see docs/training.md), so stage 2 starts on ``easy``
+    scenes: one or two objects whose single tight proposal is joined by at most one background
+    box. ``medium`` has up to four objects with some duplicates, parts and distractors; ``full``
+    is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults).
+
+    Raises:
+        ValueError: for an unknown difficulty.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    if difficulty == "full":
+        return SceneConfig(), ProposalConfig(max_proposals=max_proposals, recall=recall)
+    easy = difficulty == "easy"
+    scene = SceneConfig(objects_range=(1, 2) if easy else (1, 4))
+    proposals = ProposalConfig(
+        max_proposals=max_proposals,
+        recall=recall,
+        duplicates_range=(0, 0) if easy else (0, 1),
+        loose_probability=0.0 if easy else 0.2,
+        part_probability=0.0 if easy else 0.15,
+        distractors_range=(0, 1) if easy else (1, 4),
+        clutter_distractor_probability=0.0 if easy else 0.25,
+    )
+    return scene, proposals
+
+
 def generate_dataset(
     out_dir: str | Path,
     num_scenes: int,

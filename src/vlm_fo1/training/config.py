@@ -83,6 +83,17 @@ class DataSpec:
 
 @dataclass
 class OptimSpec:
+    """Optimisation (AdamW, cosine schedule to ``min_lr_ratio`` after a linear warm-up).
+
+    Attributes:
+        steps / batch_size / grad_accum: optimizer steps, conversations per device batch,
+            batches per step.
+        region_lr_scale: learning-rate factor of the region side (region encoder, auxiliary
+            encoder, connector), which starts from scratch.
+        region_loss_weight: weight of each ``<regionN>`` answer token in the loss (1: the plain
+            mean over answer tokens).
+    """
+
     steps: int = 300
     batch_size: int = 16
     grad_accum: int = 1
@@ -93,6 +104,7 @@ class OptimSpec:
     max_grad_norm: float = 1.0
     num_workers: int = 0
     region_lr_scale: float = 1.0
+    region_loss_weight: float = 1.0
 
 
 @dataclass
@@ -129,6 +141,10 @@ class RunConfig:
             value = getattr(spec, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("lr", "region_lr_scale", "region_loss_weight"):
+            value = getattr(self.optim, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"optim.{name} must be a positive number, got {value!r}")
         if self.stage > 0 and self.model.init is None:
             raise ValueError(f"stage {self.stage} starts from a checkpoint: set model.init")
 

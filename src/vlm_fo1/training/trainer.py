@@ -15,11 +15,13 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -60,6 +62,28 @@ class TrainResult:
         }
 
 
+def weighted_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, token_ids: Sequence[int], weight: float
+) -> torch.Tensor:
+    """Next-token cross-entropy where targets in ``token_ids`` count ``weight`` times.
+
+    Args:
+        logits: ``(B, L, V)``; position t predicts ``labels[:, t + 1]``.
+        labels: ``(B, L)`` with -100 where nothing is trained.
+        token_ids: the up-weighted ids (the ``<regionN>`` tokens).
+        weight: their weight (1: the usual mean over trained tokens).
+    Returns:
+        the weighted mean, a scalar (0 when no token is trained).
+    """
+    targets = labels[:, 1:].to(logits.device)
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )  # (B, L-1)
+    special = torch.isin(targets, torch.tensor(list(token_ids), device=targets.device))
+    weights = (targets != -100).float() * torch.where(special, float(weight), 1.0)
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 class FO1Trainer(Trainer):
     """``Trainer`` with atomic checkpoints and no weight decay on row-masked embeddings."""
 
@@ -85,6 +109,21 @@ class FO1Trainer(Trainer):
             _rotate(Path(real), self.args.save_total_limit)
 
     region_lr_scale: float = 1.0
+    region_loss_weight: float = 1.0
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The model's loss, or with ``region_loss_weight != 1`` a token-weighted cross-entropy in
+        which every ``<regionN>`` target counts ``region_loss_weight`` times (the choice of region
+        is a few tokens of each answer; the rest is grammar and labels, learnt much sooner)."""
+        if self.region_loss_weight == 1.0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        ids = self.model.config.region_token_ids
+        loss = weighted_token_loss(outputs.logits, labels, ids, self.region_loss_weight)
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: Any = None) -> Any:
         """AdamW over four groups: (decay or not) × (region side or not); the region side's
@@ -284,6 +323,7 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         callbacks=[JsonlLogger(out / "log.jsonl")],
     )
     trainer.region_lr_scale = config.optim.region_lr_scale
+    trainer.region_loss_weight = config.optim.region_loss_weight
     resume = get_last_checkpoint(str(out)) if config.output.resume and out.exists() else None
     if resume:
         logger.info("resuming from %s", resume)
