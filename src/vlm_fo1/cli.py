@@ -72,6 +72,18 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perceive(args: argparse.Namespace) -> int:
+    from vlm_fo1.training.miniature import FO1_OVERRIDES, Recipe, perceive
+
+    overrides = {**FO1_OVERRIDES, "region_source": args.region_source}
+    recipe = Recipe(perception_steps=args.steps, batch_size=args.batch_size)
+    out = perceive(
+        args.base, args.scenes, args.out, overrides, recipe, seed=args.seed, progress=not args.no_progress
+    )
+    print(f"region side pretrained; checkpoint in {out} (held-out accuracy in {out / 'perception.json'})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlm_fo1.demo import run_demo
 
@@ -337,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--boxes", type=int, default=5)
     smoke.add_argument("--seed", type=int, default=0)
     smoke.set_defaults(func=_cmd_smoke)
+
+    perceive = sub.add_parser(
+        "perceive", help="miniature world: pretrain a fresh region side on scene truth (before stage 1)"
+    )
+    perceive.add_argument("base", help="stage-0 checkpoint directory")
+    perceive.add_argument("scenes", help="a {split}_scenes.jsonl written by vlm-fo1 synth")
+    perceive.add_argument("out", help="directory to write the FO1 checkpoint to")
+    perceive.add_argument("--steps", type=int, default=200)
+    perceive.add_argument("--batch-size", type=int, default=16)
+    perceive.add_argument("--region-source", choices=["hybrid", "vit", "aux"], default="hybrid")
+    perceive.add_argument("--seed", type=int, default=0)
+    perceive.add_argument("--no-progress", action="store_true")
+    perceive.set_defaults(func=_cmd_perceive)
 
     demo = sub.add_parser(
         "demo", help="the shipped miniature-world checkpoint on a generated scene (offline; writes a PNG)"

@@ -177,8 +177,11 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         tokens = self.connector(regions.to(self.connector_dtype))  # (ΣN, D_llm)
         return self._finish_region_tokens(tokens, region_counts)
 
-    def _finish_region_tokens(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Optional normalisation and name embedding (off in the release; see ``FO1Config``)."""
+    def _finish_region_tokens(
+        self, tokens: torch.Tensor, counts: torch.Tensor, names: bool = True
+    ) -> torch.Tensor:
+        """Optional normalisation and name embedding (off in the release; see ``FO1Config``);
+        ``names=False`` leaves the name embedding out (region perception pretraining)."""
         table = self.get_input_embeddings().weight
         if self.config.region_token_norm is not None:
             if self.region_token_bn is not None:
@@ -196,7 +199,7 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             else:
                 tokens = F.rms_norm(tokens, (tokens.shape[-1],))
             tokens = tokens * table.detach().float().pow(2).mean().sqrt().to(tokens.dtype)
-        if self.config.region_name_embedding:
+        if self.config.region_name_embedding and names:
             index = torch.cat([torch.arange(int(n), device=tokens.device) for n in counts.tolist()])
             ids = torch.tensor(self.config.region_token_ids, device=tokens.device)[index]
             tokens = tokens + table[ids].to(tokens.dtype)

@@ -1,0 +1,238 @@
+"""The miniature reproduction of VLM-FO1's claims on 2 CPU cores (issue: training and evaluation).
+
+    python benchmarks/miniature.py                      # every arm, seeds 0 and 1 (~45 min on 2 cores)
+    python benchmarks/miniature.py --scale 0.25 --seeds 0   # a quick look
+    python benchmarks/miniature.py --demo-only          # just the demo checkpoint (hybrid, seed 0)
+
+Arms, all from one shared stage-0 base and with the same step budget (``training.miniature``):
+
+    hybrid     FO1 with both encoders (ViT + auxiliary DaViT)          region_source=hybrid
+    vit        primary ViT only                                         region_source=vit
+    aux        auxiliary encoder only                                   region_source=aux
+    no-neg     hybrid without the ~20 % negative records in stage 2    (reuses hybrid's stage 1)
+    coords     the base trained to write boxes as text (no proposals)   evaluation/coords.py
+
+Each arm is evaluated on the held-out validation split (its own seed); hybrid also on the same
+scenes with proposal recall 1.0 / 0.8 / 0.6 / 0.4 (the retrieval ceiling) and on general VQA,
+next to the stage-0 base. Writes ``OUT/results.json`` and prints a Markdown report (the one in
+``benchmarks/RESULTS.md``). Finished runs are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "src" / "vlm_fo1" / "assets" / "demo"
+ARMS = ("hybrid", "vit", "aux", "no-neg", "coords")
+KEY_METRICS = (
+    "detection/mAP50",
+    "detection/mAP",
+    "detection/mAP50@proposal",
+    "detection/mAP50@model",
+    "detection/fp_rate",
+    "counting/accuracy",
+    "referring/acc50",
+    "region_caption/accuracy",
+    "region_ocr/accuracy",
+    "vqa/accuracy",
+)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _run_arm(
+    arm: str, seed: int, out: str, base: str, world_root: str, scale: float, limit: int
+) -> dict[str, Any]:
+    from vlm_fo1.training.miniature import (
+        Recipe,
+        WorldSpec,
+        evaluate_checkpoint,
+        make_world,
+        scaled,
+        train_coords,
+        train_fo1,
+    )
+
+    start = time.perf_counter()
+    world = make_world(world_root, WorldSpec())
+    recipe = scaled(Recipe(), scale)
+    run = Path(out) / f"{arm}-s{seed}"
+    if arm == "coords":
+        final = train_coords(world, base, run, recipe, seed=seed)
+        val = world.coords["val"]
+    else:
+        source = {"vit": "vit", "aux": "aux"}.get(arm, "hybrid")
+        stage1 = Path(out) / f"hybrid-s{seed}" / "stage1" if arm == "no-neg" else None
+        final = train_fo1(
+            world,
+            base,
+            run,
+            recipe,
+            seed=seed,
+            region_source=source,
+            negatives=arm != "no-neg",
+            stage1_from=stage1,
+        )
+        val = world.val
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "checkpoint": str(final),
+        "train_seconds": time.perf_counter() - start,
+    }
+    result["val"] = evaluate_checkpoint(final, val, limit=limit)
+    if arm == "hybrid":
+        result["recall"] = {
+            str(r): evaluate_checkpoint(final, path)["detection/mAP50"]
+            for r, path in world.val_recall.items()
+        }
+        result["general"] = evaluate_checkpoint(final, world.val_general)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _metric(result: dict[str, Any], name: str) -> float:
+    """A validation metric of an arm (the coordinate arm's region tasks are named ``coords/…``)."""
+    metrics = result["val"]
+    return metrics.get(f"coords/{name}", metrics.get(name, math.nan))
+
+
+def report(results: dict[str, Any]) -> str:
+    """The Markdown tables of a results dict (``results.json``)."""
+    arms = results["arms"]
+    lines = [
+        f"seeds {results['seeds']}, scale {results['scale']}, {results['minutes']:.1f} min on "
+        f"{results['cores']} cores, validation records: {results['val_limit'] or 'all'}",
+        "",
+        "| metric | " + " | ".join(a for a in ARMS if any(r["arm"] == a for r in arms)) + " |",
+        "|---|" + "---|" * len({r["arm"] for r in arms}),
+    ]
+    present = [a for a in ARMS if any(r["arm"] == a for r in arms)]
+    for metric in KEY_METRICS:
+        cells = [_mean_sd([_metric(r, metric) for r in arms if r["arm"] == a]) for a in present]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"random choice among proposals (oracle count), val detection mAP@0.5: {results['random_map50']:.3f}",
+    ]
+    hybrid = [r for r in arms if r["arm"] == "hybrid"]
+    if hybrid:
+        lines += ["", "| proposal recall | hybrid detection mAP@0.5 |", "|---|---|"]
+        for recall in hybrid[0]["recall"]:
+            lines.append(f"| {recall} | {_mean_sd([r['recall'][recall] for r in hybrid])} |")
+        base_vqa = results["base_general"].get("vqa/accuracy", math.nan)
+        after = _mean_sd([r["general"].get("vqa/accuracy", math.nan) for r in hybrid])
+        lines += ["", f"general VQA accuracy: stage-0 base {base_vqa:.3f}, hybrid after stages 1-2 {after}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(ROOT / "runs" / "miniature"))
+    parser.add_argument(
+        "--data", default=None, help="world folder (default OUT/data; generated once, reused)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
+    parser.add_argument("--val-limit", type=int, default=None, help="validation records per evaluation (all)")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (torch threads split)")
+    parser.add_argument(
+        "--demo-only", action="store_true", help="train hybrid seed 0 and install it as the demo"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    out = Path(args.out)
+    from vlm_fo1.evaluation.runner import random_choice_map
+    from vlm_fo1.training.miniature import (
+        Recipe,
+        WorldSpec,
+        evaluate_checkpoint,
+        make_world,
+        scaled,
+        train_base,
+    )
+
+    world = make_world(args.data or out / "data", WorldSpec())
+    recipe = scaled(Recipe(), args.scale)
+    base = train_base(world, out / "base", recipe)
+    cores = os.cpu_count() or 1
+    if args.demo_only:
+        args.arms, args.seeds, args.jobs = ["hybrid"], [0], 1
+    jobs = [(a, s) for s in args.seeds for a in args.arms if a != "no-neg"]
+    later = [(a, s) for s in args.seeds for a in args.arms if a == "no-neg"]  # needs hybrid's stage 1
+    threads = max(1, cores // args.jobs)
+    results = []
+    common = (str(out), str(base), str(world.root), args.scale, args.val_limit)
+    with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {job: pool.submit(_run_arm, *job, *common) for job in jobs}
+        for job in later:
+            if ("hybrid", job[1]) in futures:
+                futures[("hybrid", job[1])].result()
+            futures[job] = pool.submit(_run_arm, *job, *common)
+        for job, future in futures.items():
+            results.append(future.result())
+            logging.info("%s seed %d done in %.0f s", *job, results[-1]["seconds"])
+    if args.demo_only:
+        final = Path(results[0]["checkpoint"])
+        shutil.rmtree(DEMO_DIR, ignore_errors=True)
+        DEMO_DIR.mkdir(parents=True)
+        for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "preprocessor_config.json", "fo1_processor_config.json"):  # fmt: skip
+            if (final / name).is_file():
+                shutil.copy2(final / name, DEMO_DIR / name)
+        size = sum(p.stat().st_size for p in DEMO_DIR.iterdir()) / 2**20
+        print(f"demo checkpoint installed in {DEMO_DIR} ({size:.1f} MiB)")
+    summary = {
+        "seeds": args.seeds,
+        "scale": args.scale,
+        "cores": cores,
+        "val_limit": args.val_limit,
+        "recipe": recipe.__dict__,
+        "random_map50": random_choice_map(read_val(world.val, args.val_limit)),
+        "base_general": evaluate_checkpoint(base, world.val_general),
+        "arms": sorted(results, key=lambda r: (ARMS.index(r["arm"]), r["seed"])),
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(report(summary))
+    return 0
+
+
+def read_val(path: Path, limit: int) -> list:
+    from vlm_fo1.training.miniature import first_records
+
+    return first_records(path, limit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

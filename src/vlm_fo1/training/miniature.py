@@ -1,0 +1,372 @@
+"""The miniature reproduction's recipe: data, the base, FO1 arms and the coordinate baseline.
+
+One place defines how the miniature world is trained end to end, so that
+``benchmarks/miniature.py`` (every arm, several seeds), the CI learning test (a reduced recipe)
+and the demo checkpoint all run the same steps::
+
+    world = make_world("runs/mini/data", WorldSpec())
+    base = train_base(world, "runs/mini/base", Recipe())                   # stage 0
+    fo1 = train_fo1(world, base, "runs/mini/hybrid-s0", Recipe(), seed=0)  # perception, 1, 2a, 2b
+    metrics = evaluate_checkpoint(fo1, world.val)
+
+An FO1 arm is: region perception pretraining (``training.perception``, the stand-in for a
+pretrained DaViT), stage 1 (region side and connector; LLM frozen), stage 2 on easy scenes, then
+stage 2 on the medium and full world (a curriculum on the number of candidate regions; the
+general data is mixed into both stage-2 phases). The coordinate baseline trains the same base
+with the same number of stage-1 + stage-2 steps to write boxes as text (``evaluation.coords``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from vlm_fo1.data.records import read_records, write_records
+from vlm_fo1.evaluation.coords import COORDINATE_TASKS, to_coordinate_record
+from vlm_fo1.synthetic import GENERAL_TASKS, TaskMix, difficulty_configs, generate_dataset
+from vlm_fo1.training.config import run_config_from_dict
+from vlm_fo1.training.perception import pretrain_region_perception
+from vlm_fo1.training.trainer import init_model, train
+
+logger = logging.getLogger(__name__)
+
+DETECTION_TASKS = ("detection", "multi_detection")
+
+# The data of each phase as (split, weight); splits are World attributes (configs/miniature/*.yaml agree).
+STAGE1_MIX = (("easy", 1.0), ("medium", 1.0), ("full", 1.0))
+EASY_MIX = (("easy", 3.0), ("general", 1.0))
+FULL_MIX = (("medium", 1.5), ("full", 1.5), ("easy", 0.5), ("general", 1.0))
+
+FO1_OVERRIDES = {"region_layer_norm": True, "region_token_norm": "batch", "region_name_embedding": True}
+"""Model options of the miniature FO1 arms (see ``FO1Config``; the last two are not in the release)."""
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Sizes of the generated splits (scenes); ``val`` uses its own seed (held out)."""
+
+    general: int = 2000
+    easy: int = 1500
+    medium: int = 1500
+    full: int = 2000
+    val: int = 150
+    val_general: int = 150
+    recalls: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
+    max_proposals: int = 32
+    seed: int = 0
+    val_seed: int = 1000
+
+
+@dataclass(frozen=True)
+class World:
+    """Paths of a generated world (record JSONL files; images next to them)."""
+
+    root: Path
+    general: Path
+    easy: Path
+    medium: Path
+    full: Path
+    val: Path
+    val_general: Path
+    val_recall: dict[float, Path]
+    coords: dict[str, Path]  # split -> coordinate-format records (easy, medium, full, val)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps and settings of every phase (the same for every arm of a comparison)."""
+
+    base_steps: int = 600
+    perception_steps: int = 200
+    stage1_steps: int = 150
+    easy_steps: int = 300
+    full_steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    region_loss_weight: float = 5.0
+    preset: str = "mini"
+    overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
+
+    @property
+    def fo1_steps(self) -> int:
+        """Stage-1 + stage-2 steps of an FO1 arm (the coordinate baseline gets the same)."""
+        return self.stage1_steps + self.easy_steps + self.full_steps
+
+
+def _coords_file(source: Path, target: Path) -> Path:
+    """The coordinate-format version of ``source``: region-free general records kept as they are,
+    detection / counting / referring converted, other region tasks dropped."""
+
+    def convert():
+        for record in read_records(source):
+            task = record.meta.get("task")
+            if task in COORDINATE_TASKS:
+                yield to_coordinate_record(record)
+            elif task in GENERAL_TASKS:
+                yield record
+
+    write_records(target, convert())
+    return target
+
+
+def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bool = False) -> World:
+    """Generate (or reuse, when present and ``overwrite`` is false) every split the recipe needs."""
+    root = Path(root)
+
+    def split(name: str, scenes: int, difficulty: str, *, seed: int, recall: float = 0.95, **kw) -> Path:
+        path = root / f"{name}.jsonl"
+        if path.is_file() and not overwrite:
+            return path
+        scene_config, proposal_config = difficulty_configs(
+            difficulty, max_proposals=spec.max_proposals, recall=recall
+        )
+        return generate_dataset(
+            root,
+            scenes,
+            seed,
+            scene_config=scene_config,
+            proposal_config=proposal_config,
+            split_name=name,
+            **kw,
+        )
+
+    general = split("general", spec.general, "full", seed=spec.seed, mix=TaskMix.general())
+    easy = split("easy", spec.easy, "easy", seed=spec.seed)
+    medium = split("medium", spec.medium, "medium", seed=spec.seed)
+    full = split("train", spec.full, "full", seed=spec.seed)
+    val = split("val", spec.val, "full", seed=spec.val_seed)
+    val_general = split("val_general", spec.val_general, "full", seed=spec.val_seed, mix=TaskMix.general())
+    # Same scenes and questions as val (same split name and seed); only the proposals' recall differs.
+    # Detection records only (the recall sweep measures detection mAP).
+    val_recall = {}
+    for recall in spec.recalls:
+        path = root / f"recall{round(recall * 100):03d}" / "detection.jsonl"
+        if not path.is_file() or overwrite:
+            scene_config, proposal_config = difficulty_configs(
+                "full", max_proposals=spec.max_proposals, recall=recall
+            )
+            every = generate_dataset(
+                path.parent, spec.val, spec.val_seed, scene_config=scene_config,
+                proposal_config=proposal_config, split_name="val",
+            )  # fmt: skip
+            write_records(path, (r for r in read_records(every) if r.meta.get("task") in DETECTION_TASKS))
+        val_recall[recall] = path
+    coords = {}
+    for name, source in (("easy", easy), ("medium", medium), ("full", full), ("val", val)):
+        target = root / f"{source.stem}_coords.jsonl"
+        coords[name] = target if target.is_file() and not overwrite else _coords_file(source, target)
+    return World(root, general, easy, medium, full, val, val_general, val_recall, coords)
+
+
+def _mix(
+    world: World, mix: tuple[tuple[str, float], ...], *, coords: bool = False
+) -> list[tuple[Path, float]]:
+    """Paths and weights of a phase's data; ``coords``: the coordinate-format region splits."""
+    return [(world.coords[s] if coords and s in world.coords else getattr(world, s), w) for s, w in mix]
+
+
+def _stage(
+    stage: int,
+    out: Path,
+    init: Path | None,
+    sources: list[tuple[Path, float]],
+    steps: int,
+    recipe: Recipe,
+    seed: int,
+    *,
+    keep: str = "all",
+    overrides: dict[str, Any] | None = None,
+    exclude_negatives: bool = False,
+    progress: bool = False,
+) -> Path:
+    config: dict[str, Any] = {
+        "stage": stage,
+        "seed": seed,
+        "model": {"preset": recipe.preset, "overrides": overrides or {}},
+        "data": {
+            "train": [{"path": str(p), "weight": w} for p, w in sources],
+            "exclude_negatives": exclude_negatives,
+        },
+        "optim": {
+            "steps": steps,
+            "batch_size": recipe.batch_size,
+            "lr": recipe.lr,
+            "region_loss_weight": recipe.region_loss_weight,
+        },
+        "output": {"dir": str(out), "save_steps": steps, "logging_steps": 25, "keep": 1},
+    }
+    if init is not None:
+        config["model"] |= {"init": str(init), "keep": keep}
+    if (out / "train_summary.json").is_file():
+        logger.info("reusing finished run %s", out)
+        return out
+    train(run_config_from_dict(config), progress=progress)
+    return out
+
+
+def train_base(
+    world: World, out: str | Path, recipe: Recipe = Recipe(), *, seed: int = 0, progress: bool = False
+) -> Path:
+    """Stage 0: the tiny base VLM on captions and VQA (the stand-in for a pretrained Qwen2.5-VL)."""
+    return _stage(
+        0, Path(out), None, [(world.general, 1.0)], recipe.base_steps, recipe, seed, progress=progress
+    )
+
+
+def perceive(
+    base: str | Path,
+    scenes: str | Path,
+    out: str | Path,
+    overrides: dict[str, Any] | None = None,
+    recipe: Recipe = Recipe(),
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """A fresh FO1 region side on ``base``'s VLM, pretrained on ``scenes`` (``*_scenes.jsonl``)
+    by :func:`pretrain_region_perception`; saved with its processor to ``out``."""
+    overrides = dict(recipe.overrides if overrides is None else overrides)
+    config = run_config_from_dict(
+        {"stage": 1, "seed": seed, "model": {"init": str(base), "keep": "vlm", "overrides": overrides},
+         "data": {"train": [{"path": str(scenes)}]}}
+    )  # fmt: skip
+    model, processor = init_model(config)
+    result = pretrain_region_perception(
+        model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    logger.info("region perception pretraining: %s", result.to_json())
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "perception.json").write_text(json.dumps(result.to_json(), indent=2))
+    return out
+
+
+def train_fo1(
+    world: World,
+    base: str | Path,
+    out: str | Path,
+    recipe: Recipe = Recipe(),
+    *,
+    seed: int = 0,
+    region_source: str = "hybrid",
+    negatives: bool = True,
+    perception_from: str | Path | None = None,
+    stage1_from: str | Path | None = None,
+    progress: bool = False,
+) -> Path:
+    """An FO1 arm: perception → stage 1 → stage 2 (easy) → stage 2 (medium + full); returns the
+    final checkpoint (``out/stage2``). ``stage1_from`` reuses another arm's stage-1 checkpoint
+    (arms that differ only in stage 2, such as the no-negatives arm)."""
+    out = Path(out)
+    overrides = {**recipe.overrides, "region_source": region_source}
+    if stage1_from is None:
+        perceived = Path(perception_from) if perception_from is not None else out / "perception"
+        if not (perceived / "config.json").is_file():
+            scenes = world.full.with_name(f"{world.full.stem}_scenes.jsonl")
+            perceive(base, scenes, perceived, overrides, recipe, seed=seed, progress=progress)
+        stage1 = _stage(
+            1,
+            out / "stage1",
+            perceived,
+            _mix(world, STAGE1_MIX),
+            recipe.stage1_steps,
+            recipe,
+            seed,
+            progress=progress,
+        )
+    else:
+        stage1 = Path(stage1_from)
+    easy = _stage(
+        2,
+        out / "stage2_easy",
+        stage1,
+        _mix(world, EASY_MIX),
+        recipe.easy_steps,
+        recipe,
+        seed,
+        exclude_negatives=not negatives,
+        progress=progress,
+    )
+    return _stage(
+        2,
+        out / "stage2",
+        easy,
+        _mix(world, FULL_MIX),
+        recipe.full_steps,
+        recipe,
+        seed,
+        exclude_negatives=not negatives,
+        progress=progress,
+    )
+
+
+def train_coords(
+    world: World,
+    base: str | Path,
+    out: str | Path,
+    recipe: Recipe = Recipe(),
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """The coordinate baseline: the base trained (stage 2 settings, no proposals) to write boxes
+    as text, with the same curriculum and as many steps as an FO1 arm's stages 1 and 2."""
+    out = Path(out)
+    easy_steps = recipe.stage1_steps + recipe.easy_steps
+    easy = _stage(
+        2,
+        out / "stage2_easy",
+        Path(base),
+        _mix(world, EASY_MIX, coords=True),
+        easy_steps,
+        recipe,
+        seed,
+        progress=progress,
+    )
+    return _stage(
+        2,
+        out / "stage2",
+        easy,
+        _mix(world, FULL_MIX, coords=True),
+        recipe.full_steps,
+        recipe,
+        seed,
+        progress=progress,
+    )
+
+
+def evaluate_checkpoint(
+    model_dir: str | Path,
+    records: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Metrics of a checkpoint on a record file (first ``limit`` records); writes the report when
+    ``out`` is given."""
+    from vlm_fo1.evaluation.cli import run_eval
+
+    target = Path(out) if out is not None else Path(model_dir) / f"eval_{Path(records).stem}.json"
+    report = run_eval(
+        model_dir, records, target, batch_size=batch_size, limit=limit, device="cpu", progress=progress
+    )
+    return dict(report.metrics)
+
+
+def first_records(path: str | Path, limit: int | None) -> list:
+    """The first ``limit`` records of a file (all with None)."""
+    return list(itertools.islice(read_records(path), limit))
+
+
+def scaled(recipe: Recipe, factor: float) -> Recipe:
+    """``recipe`` with every step count multiplied by ``factor`` (at least 1 step each)."""
+    names = ("base_steps", "perception_steps", "stage1_steps", "easy_steps", "full_steps")
+    return replace(recipe, **{n: max(1, round(getattr(recipe, n) * factor)) for n in names})

@@ -1,0 +1,120 @@
+"""The miniature recipe end to end on a tiny scale: world, base, FO1 arm, coordinate arm, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vlm_fo1.data.records import read_records
+from vlm_fo1.evaluation.coords import COORDS_FORMAT
+from vlm_fo1.training.miniature import (
+    Recipe,
+    WorldSpec,
+    make_world,
+    scaled,
+    train_base,
+    train_coords,
+    train_fo1,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_WORLD = WorldSpec(
+    general=12, easy=8, medium=8, full=8, val=6, val_general=4, recalls=(1.0, 0.5), max_proposals=8
+)
+TINY_RECIPE = replace(scaled(Recipe(), 0.01), preset="tiny", batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), TINY_WORLD)
+
+
+def test_world_has_every_split_and_reuses_files(world):
+    for path in (world.general, world.easy, world.medium, world.full, world.val, world.val_general):
+        assert path.is_file() and list(read_records(path))
+    coords = list(read_records(world.coords["val"]))
+    assert coords and all(r.boxes == [] for r in coords)
+    assert any(r.meta.get("format") == COORDS_FORMAT for r in coords)
+    assert set(world.val_recall) == {1.0, 0.5}
+    assert all(
+        r.meta["task"] in ("detection", "multi_detection") for r in read_records(world.val_recall[0.5])
+    )
+    before = world.val.stat().st_mtime_ns
+    again = make_world(world.root, TINY_WORLD)
+    assert again.val == world.val and world.val.stat().st_mtime_ns == before  # reused, not regenerated
+
+
+def test_recipe_arms_run_and_share_stage1(world, tmp_path):
+    base = train_base(world, tmp_path / "base", TINY_RECIPE)
+    hybrid = train_fo1(world, base, tmp_path / "hybrid", TINY_RECIPE)
+    assert hybrid == tmp_path / "hybrid" / "stage2"
+    for phase in ("perception", "stage1", "stage2_easy", "stage2"):
+        assert (tmp_path / "hybrid" / phase / "config.json").is_file()
+    config = json.loads((hybrid / "config.json").read_text())
+    assert config["region_token_norm"] == "batch" and config["region_name_embedding"] is True
+    no_neg = train_fo1(
+        world,
+        base,
+        tmp_path / "no-neg",
+        TINY_RECIPE,
+        negatives=False,
+        stage1_from=tmp_path / "hybrid" / "stage1",
+    )
+    assert not (tmp_path / "no-neg" / "stage1").exists() and (no_neg / "config.json").is_file()
+    run_config = (no_neg / "run_config.yaml").read_text()
+    assert "exclude_negatives: true" in run_config
+    coords = train_coords(world, base, tmp_path / "coords", TINY_RECIPE)
+    summary = json.loads((coords.parent / "stage2_easy" / "train_summary.json").read_text())
+    assert summary["steps"] == TINY_RECIPE.stage1_steps + TINY_RECIPE.easy_steps  # same budget as FO1
+
+
+def test_scaled_recipe_keeps_at_least_one_step():
+    recipe = scaled(Recipe(), 0.0001)
+    assert recipe.base_steps == recipe.full_steps == 1
+    assert scaled(Recipe(), 2).fo1_steps == 2 * Recipe().fo1_steps
+
+
+def test_shipped_demo_runs_offline(tmp_path):
+    from vlm_fo1.demo import DEMO_CHECKPOINT
+
+    if not (DEMO_CHECKPOINT / "config.json").is_file():
+        pytest.fail(f"the demo checkpoint is missing from {DEMO_CHECKPOINT}; see configs/miniature/README.md")
+    size = sum(p.stat().st_size for p in DEMO_CHECKPOINT.iterdir())
+    assert size < 20 * 2**20
+    out = tmp_path / "demo.png"
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlm_fo1.cli", "demo", "--save", str(out), "--json"],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["truth"] and result["detect"]["task"] == "detection"
+    assert out.is_file() and out.stat().st_size > 0
+
+
+def test_shipped_yaml_configs_follow_the_recipe():
+    from vlm_fo1.training import load_run_config
+
+    recipe = Recipe()
+    folder = ROOT / "configs" / "miniature"
+    steps = {
+        "stage0": recipe.base_steps,
+        "stage1": recipe.stage1_steps,
+        "stage2_easy": recipe.easy_steps,
+        "stage2": recipe.full_steps,
+    }
+    for name, expected in steps.items():
+        config = load_run_config(folder / f"{name}.yaml")
+        assert config.optim.steps == expected, name
+        assert config.optim.batch_size == recipe.batch_size and config.optim.lr == recipe.lr
+        if config.stage > 0:
+            assert config.optim.region_loss_weight == recipe.region_loss_weight
+    stage2 = load_run_config(folder / "stage2.yaml")
+    weights = {Path(s.path).stem: s.weight for s in stage2.data.train}
+    assert weights == {"medium": 1.5, "train": 1.5, "easy": 0.5, "general": 1.0}
