@@ -124,6 +124,18 @@ def test_offline_hub_id_fails_fast_without_traceback(workspace, tmp_path):
     assert len(lines) == 1 and "local" in lines[0] and "--model" in lines[0]
 
 
+def test_convert_official_offline_hub_id_fails_fast(tmp_path):
+    done = run_cli("convert-official", "someone/fo1-release", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "local" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_demo_with_a_missing_checkpoint_says_how_to_rebuild(tmp_path):
+    done = run_cli("demo", "--model", tmp_path / "nothing", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "benchmarks/miniature.py --demo-only" in done.stderr
+
+
 def test_bad_arguments_are_one_line_errors(workspace):
     done = run_cli(
         "describe", workspace / "images" / "a.png", "--box", "1,2,3", "--model", workspace / "model"

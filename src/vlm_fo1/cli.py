@@ -54,12 +54,15 @@ logger = logging.getLogger("vlm_fo1")
 
 
 def _cmd_convert_official(args: argparse.Namespace) -> int:
+    from vlm_fo1.inference.hub import resolve_model_path
+
+    source = resolve_model_path(args.source)  # a Hub id is fetched (or fails at once offline)
     import torch
 
     from vlm_fo1.checkpoints import convert_official
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    destination = convert_official(args.source, args.destination, dtype=dtype)
+    destination = convert_official(source, args.destination, dtype=dtype)
     print(f"wrote an FO1 checkpoint to {destination}")
     return 0
 
@@ -85,7 +88,11 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from vlm_fo1.demo import run_demo
+
+    hf_logging.disable_progress_bar()  # a 10 MB checkpoint loads at once; the bar is only noise here
 
     result = run_demo(
         args.model,
@@ -305,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert-official", help="convert an official VLM-FO1 release directory")
-    convert.add_argument("source", help="local directory in the release's layout (omchat_qwen2_5_vl)")
+    convert.add_argument("source", help="release directory (omchat_qwen2_5_vl layout) or its Hub id")
     convert.add_argument("destination", help="directory to write the FO1 checkpoint to")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     convert.set_defaults(func=_cmd_convert_official)
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the shipped miniature-world checkpoint on a generated scene (offline; writes a PNG)"
     )
     demo.add_argument("--model", default=None, help="FO1 checkpoint directory (default: the shipped demo)")
-    demo.add_argument("--seed", type=int, default=0, help="which scene to generate")
+    demo.add_argument("--seed", type=int, default=1, help="which scene to generate")
     demo.add_argument("--difficulty", choices=["easy", "medium", "full"], default="medium")
     demo.add_argument("--save", default="fo1_demo.png", help="annotated PNG to write")
     demo.add_argument("--no-save", action="store_true", help="do not write the annotated PNG")
