@@ -516,3 +516,50 @@ def test_pack_conversations_merges_turns_about_the_same_image():
     assert packed[0].id == "r0+1" and packed[1].id == "r4"
     with pytest.raises(ValueError, match="max_turns must be >= 1"):
         pack_conversations(records, 0)
+
+
+# -- region order -------------------------------------------------------------------------------------------
+def test_permute_regions_keeps_every_reference_pointing_at_the_same_box() -> None:
+    from vlm_fo1.data.records import permute_regions
+    from vlm_fo1.synthetic import ProposalConfig, SceneConfig, TaskMix, build_scene, make_records
+
+    mix = TaskMix(records_per_scene=8)
+    checked = set()
+    for index in range(40):
+        scene, proposals = build_scene(3, "perm", index, SceneConfig(), ProposalConfig(max_proposals=12))
+        records = make_records(scene, proposals, mix, random.Random(index), "x.png")
+        for record in records:
+            order = random.Random(index).sample(range(len(record.boxes)), len(record.boxes))
+            moved = permute_regions(record, order)
+            old_boxes = [record.boxes[i] for i in _region_refs(record)]
+            assert [moved.boxes[i] for i in _region_refs(moved)] == old_boxes
+            for key in ("target_region", "region", "reference_region"):
+                if key in record.meta:
+                    assert moved.boxes[moved.meta[key]] == record.boxes[record.meta[key]]
+                    checked.add(key)
+            targets, moved_targets = (
+                record.meta.get("target_regions", {}),
+                moved.meta.get("target_regions", {}),
+            )
+            if isinstance(targets, list):
+                targets, moved_targets = {"": targets}, {"": moved_targets}
+            for label, regions in targets.items():
+                assert [moved.boxes[i] for i in moved_targets[label]] == [record.boxes[i] for i in regions]
+            assert moved.scores == (None if record.scores is None else [record.scores[i] for i in order])
+    assert checked == {"target_region", "region", "reference_region"}
+    with pytest.raises(ValueError, match="permutation"):
+        permute_regions(records[0], [0, 0])
+
+
+def _region_refs(record: ConversationRecord) -> list[int]:
+    """Region indexes in the order they are referenced across all messages (text tags and items)."""
+    found = []
+    for message in record.messages:
+        content = message["content"]
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for item in items:
+            if item.get("type") == "region":
+                found.append(int(item["index"]))
+            else:
+                found += [int(n) for n in re.findall(r"<region(\d+)>", item.get("text", ""))]
+    return found

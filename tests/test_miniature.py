@@ -118,3 +118,23 @@ def test_shipped_yaml_configs_follow_the_recipe():
     stage2 = load_run_config(folder / "stage2.yaml")
     weights = {Path(s.path).stem: s.weight for s in stage2.data.train}
     assert weights == {"medium": 1.5, "train": 1.5, "easy": 0.5, "general": 1.0}
+
+
+def test_run_demo_on_a_tiny_checkpoint(tmp_path):
+    from vlm_fo1.demo import run_demo
+    from vlm_fo1.testing import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor(seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    result = run_demo(tmp_path / "ckpt", seed=1, difficulty="medium", save=tmp_path / "out" / "demo.png")
+    assert len(result.truth) == 4 and result.true_count >= 1
+    assert result.detection.num_proposals >= len(result.truth) - 1
+    assert (tmp_path / "out" / "demo.png").is_file()
+    text = result.summary()
+    assert "scene: seed 1, medium difficulty, 4 objects" in text and "count " in text
+    assert json.loads(json.dumps(result.to_dict()))["truth"][0]["box"]
+    with pytest.raises(ValueError, match="difficulty"):
+        run_demo(tmp_path / "ckpt", difficulty="hard")
+    with pytest.raises(FileNotFoundError, match="--demo-only"):
+        run_demo(tmp_path / "missing")

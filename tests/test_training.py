@@ -87,6 +87,22 @@ def test_shipped_configs_load():
         load_run_config(path)
 
 
+def test_shuffle_regions_draws_seeded_permutations(data_dir):
+    from vlm_fo1.training.config import DataSource, DataSpec
+    from vlm_fo1.training.trainer import build_dataset
+
+    spec = DataSpec(train=[DataSource(str(data_dir / "train.jsonl"))], shuffle_regions=True)
+    first, again = build_dataset(spec, 40, seed=3), build_dataset(spec, 40, seed=3)
+    plain = build_dataset(DataSpec(train=[DataSource(str(data_dir / "train.jsonl"))]), 40, seed=3)
+    assert [r.boxes for r in first.records] == [r.boxes for r in again.records]
+    moved = 0
+    for shuffled, original in zip(first.records, plain.records, strict=True):
+        assert shuffled.id == original.id
+        assert sorted(map(tuple, shuffled.boxes)) == sorted(map(tuple, original.boxes))
+        moved += shuffled.boxes != original.boxes
+    assert moved > 20
+
+
 # -- stages ------------------------------------------------------------------------------------------------
 def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
@@ -300,6 +316,11 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
         values = [labels[name] for _, _, per_box in scenes for labels in per_box]
         majority[name] = max(values.count(v) for v in set(values)) / len(values)
     assert result.accuracy["colour"] > majority["colour"] + 0.1, (result.accuracy, majority)
+    connector = [p.detach().clone() for p in model.connector.parameters()]
+    pretrain_region_perception(
+        model, processor, data / "train_scenes.jsonl", steps=2, batch_size=4, align_weight=1.0, progress=False
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(connector, model.connector.parameters(), strict=True))
     with pytest.raises(ValueError, match="held_out"):
         pretrain_region_perception(
             model, processor, data / "train_scenes.jsonl", held_out=500, progress=False

@@ -79,7 +79,9 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
     from vlm_fo1.training.miniature import FO1_OVERRIDES, Recipe, perceive
 
     overrides = {**FO1_OVERRIDES, "region_source": args.region_source}
-    recipe = Recipe(perception_steps=args.steps, batch_size=args.batch_size)
+    recipe = Recipe(
+        perception_steps=args.steps, batch_size=args.batch_size, perception_align_weight=args.align_weight
+    )
     out = perceive(
         args.base, args.scenes, args.out, overrides, recipe, seed=args.seed, progress=not args.no_progress
     )
@@ -365,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     perceive.add_argument("out", help="directory to write the FO1 checkpoint to")
     perceive.add_argument("--steps", type=int, default=200)
     perceive.add_argument("--batch-size", type=int, default=16)
+    perceive.add_argument("--align-weight", type=float, default=0.0, help="region-word alignment loss weight")
     perceive.add_argument("--region-source", choices=["hybrid", "vit", "aux"], default="hybrid")
     perceive.add_argument("--seed", type=int, default=0)
     perceive.add_argument("--no-progress", action="store_true")

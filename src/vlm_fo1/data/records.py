@@ -20,7 +20,7 @@ lists with ``question`` / ``answer`` / ``bboxes`` / ``scores``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,69 @@ def pack_conversations(records: Iterable[ConversationRecord], max_turns: int) ->
                 )
             )
     return packed
+
+
+REGION_META_KEYS = ("target_regions", "target_region", "region", "reference_region")
+"""``meta`` fields that hold region indexes (an int, a list, or ``{label: [index, …]}``)."""
+
+
+def permute_regions(record: ConversationRecord, order: Sequence[int]) -> ConversationRecord:
+    """The same record with its boxes listed in another order, every region index remapped.
+
+    ``order[i]`` is the old index of the box placed at position ``i``. ``<regionN>`` tags in text,
+    typed region references in content lists and the region fields of ``meta``
+    (:data:`REGION_META_KEYS`) are renumbered, so the record means exactly what it meant before.
+    Used to stop a model from learning the listing order (proposals arrive sorted by score)
+    instead of the regions' content.
+
+    Raises:
+        ValueError: when ``order`` is not a permutation of the record's box indexes.
+    """
+    count = len(record.boxes)
+    if sorted(order) != list(range(count)):
+        raise ValueError(
+            f"record {record.id!r}: order must be a permutation of 0..{count - 1}, got {list(order)}"
+        )
+    new_index = {old: new for new, old in enumerate(order)}
+
+    def remap(value: Any) -> Any:
+        if isinstance(value, bool) or value is None:
+            return value
+        if isinstance(value, int):
+            return new_index.get(value, value)
+        if isinstance(value, list):
+            return [remap(v) for v in value]
+        if isinstance(value, dict):
+            return {k: remap(v) for k, v in value.items()}
+        return value
+
+    def text(value: str) -> str:
+        return REGION_TOKEN_PATTERN.sub(
+            lambda m: f"<region{new_index.get(int(m.group(1)), int(m.group(1)))}>", value
+        )
+
+    def content(value: Any) -> Any:
+        if isinstance(value, str):
+            return text(value)
+        items = []
+        for item in value:
+            if item.get("type") == "region":
+                item = {**item, "index": remap(int(item["index"]))}
+            elif isinstance(item.get("text"), str):
+                item = {**item, "text": text(item["text"])}
+            items.append(item)
+        return items
+
+    meta = {k: remap(v) if k in REGION_META_KEYS else v for k, v in record.meta.items()}
+    return ConversationRecord(
+        messages=[{**m, "content": content(m["content"])} for m in record.messages],
+        image=record.image,
+        boxes=[record.boxes[i] for i in order],
+        scores=None if record.scores is None else [record.scores[i] for i in order],
+        id=record.id,
+        task=record.task,
+        meta=meta,
+    )
 
 
 def text_to_items(text: str) -> list[dict[str, Any]]:

@@ -73,12 +73,16 @@ class DataSpec:
         max_length: raise on longer samples (no silent truncation).
         pack_turns: merge up to this many records about the same image into one multi-turn
             conversation (the image and region listing are then encoded once for all of them).
+        shuffle_regions: list each drawn record's boxes in a random order (indexes in prompts,
+            answers and meta renumbered), so that the listing order, which follows the proposal
+            score, cannot stand in for the regions' content.
     """
 
     train: list[DataSource] = field(default_factory=list)
     exclude_negatives: bool = False
     max_length: int | None = None
     pack_turns: int = 1
+    shuffle_regions: bool = False
 
 
 @dataclass

@@ -82,6 +82,7 @@ class Recipe:
 
     base_steps: int = 600
     perception_steps: int = 200
+    perception_align_weight: float = 0.0
     stage1_steps: int = 150
     easy_steps: int = 300
     full_steps: int = 300
@@ -237,7 +238,7 @@ def perceive(
     model, processor = init_model(config)
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
-        progress=progress,
+        align_weight=recipe.perception_align_weight, progress=progress,
     )  # fmt: skip
     logger.info("region perception pretraining: %s", result.to_json())
     out = Path(out)

@@ -152,7 +152,7 @@ def pretrain_region_perception(
     lr: float = 1e-3,
     seed: int = 0,
     held_out: int | None = None,
-    align_weight: float = 1.0,
+    align_weight: float = 0.0,
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -166,7 +166,9 @@ def pretrain_region_perception(
         align_weight: weight of the alignment loss, which also trains the connector: the region
             token of an object (before the optional name embedding) should point the way of the
             mean input embedding of its words (size, colour, kind), so that a question's words
-            already match the regions they describe (0: heads only; see the module docstring).
+            already match the regions they describe (default 0: heads only). In the miniature
+            benchmark it made the LLM copy words out of the region tokens instead of the query
+            (benchmarks/RESULTS.md), so it is off by default.
 
     Raises:
         ValueError: for non-positive sizes or a file without usable scenes.

@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vlm_fo1.config import FO1Config
 from vlm_fo1.data.collate import FO1Collator, RecordDataset
-from vlm_fo1.data.records import ConversationRecord, pack_conversations, read_records
+from vlm_fo1.data.records import ConversationRecord, pack_conversations, permute_regions, read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
 from vlm_fo1.training.config import DataSpec, RunConfig
@@ -230,6 +230,10 @@ def build_dataset(spec: DataSpec, num_samples: int, seed: int) -> RecordDataset:
         )
         items.extend((r, root) for r in order)
     rng.shuffle(items)
+    if spec.shuffle_regions:  # a fresh listing order per drawn item (repeats get different ones)
+        items = [
+            (permute_regions(r, rng.sample(range(len(r.boxes)), len(r.boxes))), root) for r, root in items
+        ]
     return RecordDataset([r for r, _ in items], [root for _, root in items])
 
 
