@@ -76,7 +76,7 @@ def _run_arm(
     run = Path(out) / f"{arm}-s{seed}"
     if arm == "coords":
         final = train_coords(world, base, run, recipe, seed=seed)
-        val = world.coords["val"]
+        val, val_easy = world.coords["val"], world.coords["val_easy"]
     else:
         source = {"vit": "vit", "aux": "aux"}.get(arm, "hybrid")
         stage1 = Path(out) / f"hybrid-s{seed}" / "stage1" if arm == "no-neg" else None
@@ -90,7 +90,7 @@ def _run_arm(
             negatives=arm != "no-neg",
             stage1_from=stage1,
         )
-        val = world.val
+        val, val_easy = world.val, world.val_easy
     result = {
         "arm": arm,
         "seed": seed,
@@ -98,6 +98,7 @@ def _run_arm(
         "train_seconds": time.perf_counter() - start,
     }
     result["val"] = evaluate_checkpoint(final, val, limit=limit)
+    result["val_easy"] = evaluate_checkpoint(final, val_easy, limit=limit)
     if arm == "hybrid":
         result["recall"] = {
             str(r): evaluate_checkpoint(final, path)["detection/mAP50"]
@@ -117,9 +118,9 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _metric(result: dict[str, Any], name: str) -> float:
+def _metric(result: dict[str, Any], name: str, split: str = "val") -> float:
     """A validation metric of an arm (the coordinate arm's region tasks are named ``coords/…``)."""
-    metrics = result["val"]
+    metrics = result[split]
     return metrics.get(f"coords/{name}", metrics.get(name, math.nan))
 
 
@@ -141,6 +142,13 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"random choice among proposals (oracle count), val detection mAP@0.5: {results['random_map50']:.3f}",
     ]
+    lines += ["", "easy scenes (1-2 objects, clean proposals; held-out seed):", ""]
+    lines += ["| metric | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for metric in ("detection/mAP50", "detection/fp_rate", "counting/accuracy", "referring/acc50"):
+        cells = [_mean_sd([_metric(r, metric, "val_easy") for r in arms if r["arm"] == a]) for a in present]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    easy_random = results["random_map50_easy"]
+    lines += ["", f"random choice (oracle count), easy val detection mAP@0.5: {easy_random:.3f}"]
     hybrid = [r for r in arms if r["arm"] == "hybrid"]
     if hybrid:
         lines += ["", "| proposal recall | hybrid detection mAP@0.5 |", "|---|---|"]
@@ -219,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_limit": args.val_limit,
         "recipe": recipe.__dict__,
         "random_map50": random_choice_map(read_val(world.val, args.val_limit)),
+        "random_map50_easy": random_choice_map(read_val(world.val_easy, args.val_limit)),
         "base_general": evaluate_checkpoint(base, world.val_general),
         "arms": sorted(results, key=lambda r: (ARMS.index(r["arm"]), r["seed"])),
         "minutes": (time.perf_counter() - start) / 60,

@@ -24,7 +24,15 @@ from vlm_fo1.training.miniature import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_WORLD = WorldSpec(
-    general=12, easy=8, medium=8, full=8, val=6, val_general=4, recalls=(1.0, 0.5), max_proposals=8
+    val_easy=4,
+    general=12,
+    easy=8,
+    medium=8,
+    full=8,
+    val=6,
+    val_general=4,
+    recalls=(1.0, 0.5),
+    max_proposals=8,
 )
 TINY_RECIPE = replace(scaled(Recipe(), 0.01), preset="tiny", batch_size=2)
 
@@ -35,7 +43,15 @@ def world(tmp_path_factory):
 
 
 def test_world_has_every_split_and_reuses_files(world):
-    for path in (world.general, world.easy, world.medium, world.full, world.val, world.val_general):
+    for path in (
+        world.general,
+        world.easy,
+        world.medium,
+        world.full,
+        world.val,
+        world.val_easy,
+        world.val_general,
+    ):
         assert path.is_file() and list(read_records(path))
     coords = list(read_records(world.coords["val"]))
     assert coords and all(r.boxes == [] for r in coords)
@@ -138,3 +154,24 @@ def test_run_demo_on_a_tiny_checkpoint(tmp_path):
         run_demo(tmp_path / "ckpt", difficulty="hard")
     with pytest.raises(FileNotFoundError, match="--demo-only"):
         run_demo(tmp_path / "missing")
+
+
+def test_benchmark_report_formats_every_arm():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("miniature_benchmark", ROOT / "benchmarks" / "miniature.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    val = {"detection/mAP50": 0.5, "referring/acc50": 0.25, "vqa/accuracy": 0.4}
+    arms = [
+        {"arm": arm, "seed": seed, "val": val, "val_easy": val, "recall": {"1.0": 0.5}, "general": val}
+        for arm in ("hybrid", "vit") for seed in (0, 1)
+    ] + [{"arm": "coords", "seed": 0, "val": {"coords/detection/mAP50": 0.1}, "val_easy": {}}]  # fmt: skip
+    results = {
+        "seeds": [0, 1], "scale": 1.0, "minutes": 3.0, "cores": 2, "val_limit": None, "arms": arms,
+        "random_map50": 0.2, "random_map50_easy": 0.6, "base_general": {"vqa/accuracy": 0.41},
+    }  # fmt: skip
+    text = bench.report(results)
+    assert "| detection/mAP50 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.100 |" in text
+    assert "stage-0 base 0.410, hybrid after stages 1-2 0.400 ± 0.000" in text
+    assert "| 1.0 | 0.500 ± 0.000 |" in text

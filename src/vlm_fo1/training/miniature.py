@@ -54,6 +54,7 @@ class WorldSpec:
     medium: int = 1500
     full: int = 2000
     val: int = 150
+    val_easy: int = 100
     val_general: int = 150
     recalls: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     max_proposals: int = 32
@@ -71,9 +72,10 @@ class World:
     medium: Path
     full: Path
     val: Path
+    val_easy: Path
     val_general: Path
     val_recall: dict[float, Path]
-    coords: dict[str, Path]  # split -> coordinate-format records (easy, medium, full, val)
+    coords: dict[str, Path]  # split -> coordinate-format records (easy, medium, full, val, val_easy)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Recipe:
     batch_size: int = 16
     lr: float = 1e-3
     region_loss_weight: float = 5.0
+    shuffle_regions: bool = False
     preset: str = "mini"
     overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
 
@@ -140,6 +143,7 @@ def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bo
     medium = split("medium", spec.medium, "medium", seed=spec.seed)
     full = split("train", spec.full, "full", seed=spec.seed)
     val = split("val", spec.val, "full", seed=spec.val_seed)
+    val_easy = split("val_easy", spec.val_easy, "easy", seed=spec.val_seed)
     val_general = split("val_general", spec.val_general, "full", seed=spec.val_seed, mix=TaskMix.general())
     # Same scenes and questions as val (same split name and seed); only the proposals' recall differs.
     # Detection records only (the recall sweep measures detection mAP).
@@ -157,10 +161,16 @@ def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bo
             write_records(path, (r for r in read_records(every) if r.meta.get("task") in DETECTION_TASKS))
         val_recall[recall] = path
     coords = {}
-    for name, source in (("easy", easy), ("medium", medium), ("full", full), ("val", val)):
+    for name, source in (
+        ("easy", easy),
+        ("medium", medium),
+        ("full", full),
+        ("val", val),
+        ("val_easy", val_easy),
+    ):
         target = root / f"{source.stem}_coords.jsonl"
         coords[name] = target if target.is_file() and not overwrite else _coords_file(source, target)
-    return World(root, general, easy, medium, full, val, val_general, val_recall, coords)
+    return World(root, general, easy, medium, full, val, val_easy, val_general, val_recall, coords)
 
 
 def _mix(
@@ -191,6 +201,7 @@ def _stage(
         "data": {
             "train": [{"path": str(p), "weight": w} for p, w in sources],
             "exclude_negatives": exclude_negatives,
+            "shuffle_regions": recipe.shuffle_regions and stage > 0,
         },
         "optim": {
             "steps": steps,
