@@ -42,6 +42,7 @@ from vlm_fo1.evaluation import (
     to_coordinate_record,
 )
 from vlm_fo1.evaluation.cli import run_eval
+from vlm_fo1.evaluation.runner import query_labels
 from vlm_fo1.prompting import IM_END
 from vlm_fo1.synthetic import TASK_NAMES, ProposalConfig, generate_dataset
 
@@ -509,3 +510,22 @@ def test_run_eval_loads_evaluates_and_writes(world, model, processor, tmp_path):
     assert len(report.predictions) + len(report.errors) == 3
     with pytest.raises(ValueError, match="confidence must be one of"):
         run_eval(tmp_path / "ckpt", root / "val.jsonl", out, confidence="best", progress=False)
+
+
+def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(world, model, processor):
+    root, records = world
+    chosen = [r for r in records if query_labels(r) is not None][:12]
+    assert {r.meta["task"] for r in chosen} >= {"detection", "counting", "referring"}
+    report = evaluate(
+        model, processor, chosen, root, batch_size=8, max_new_tokens=24, constrained=True, progress=False
+    )
+    assert report.settings["constrained"] is True and not report.errors
+    by_id = {r.id: r for r in chosen}
+    for prediction in report.predictions:
+        record = by_id[prediction["id"]]
+        labels = re.findall(r"<ground>(.*?)</ground>", prediction["text"])
+        assert set(labels) <= set(query_labels(record)), (labels, query_labels(record))
+        assert all(int(i) < len(record.boxes) for i in _regions(prediction["text"]))
+    mixed = [r for r in chosen if r.meta["task"] == "referring"][:2]
+    with pytest.raises(ValueError, match="one label set"):
+        generate_answers(model, processor, mixed, root, max_new_tokens=4, constrained=True)

@@ -281,6 +281,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         confidence=args.confidence,
+        constrained=args.constrained,
         progress=not args.no_progress,
     )
     print(report.table())
@@ -334,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--confidence", choices=["product", "model", "proposal"], default="product")
+    evaluate.add_argument(
+        "--constrained",
+        action="store_true",
+        help="decode under the grounding constraint, as the Predictor does",
+    )
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
 

@@ -32,6 +32,7 @@ def run_eval(
     limit: int | None = None,
     device: str | None = None,
     confidence: str = "product",
+    constrained: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -43,7 +44,7 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / batch_size / max_new_tokens / progress: see :func:`evaluate`.
+        confidence / constrained / batch_size / max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
@@ -70,6 +71,7 @@ def run_eval(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         confidence=confidence,
+        constrained=constrained,
         progress=progress,
     )
     report.settings.update(model=str(model_dir), data=str(data_path), device=str(target))

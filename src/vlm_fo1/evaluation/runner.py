@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from vlm_fo1.data.records import ConversationRecord
+from vlm_fo1.decoding import GroundingConstraint
 from vlm_fo1.evaluation.confidence import check_mode, region_token_probabilities
 from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
 from vlm_fo1.evaluation.report import EvalReport
@@ -40,11 +42,32 @@ logger = logging.getLogger(__name__)
 __all__ = ["EvalReport", "evaluate", "generate_answers", "random_choice_map"]
 
 
-def _plan_batches(records: Sequence[ConversationRecord], batch_size: int) -> list[list[int]]:
-    """Indexes of ``records`` in batches of at most ``batch_size``, one (format, task) per batch."""
-    groups: dict[tuple[bool, str], list[int]] = {}
+def query_labels(record: ConversationRecord) -> tuple[str, ...] | None:
+    """The label spellings a constrained decoder allows in ``<ground>`` for this record: what its
+    prompt asks for (detection classes, the counted label, the referring expression), as the
+    ``Predictor`` passes them for ``detect``, ``count`` and ``ground``; None for other tasks
+    (visual-prompt detection must name the reference's class itself)."""
+    task, meta = task_of(record), record.meta
+    if task in ("detection", "multi_detection") and meta.get("classes"):
+        return tuple(meta["classes"])
+    if task == "counting" and meta.get("label"):
+        return (meta["label"],)
+    if task == "referring" and meta.get("expression"):
+        return (meta["expression"],)
+    return None
+
+
+def _plan_batches(
+    records: Sequence[ConversationRecord], batch_size: int, constrained: bool = False
+) -> list[list[int]]:
+    """Indexes of ``records`` in batches of at most ``batch_size``, one (format, task) per batch
+    (and, when ``constrained``, one set of allowed labels)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for i, record in enumerate(records):
-        groups.setdefault((is_coordinate_record(record), str(task_of(record))), []).append(i)
+        key: tuple[Any, ...] = (is_coordinate_record(record), str(task_of(record)))
+        if constrained and not is_coordinate_record(record):
+            key += (query_labels(record),)
+        groups.setdefault(key, []).append(i)
     return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
 
@@ -54,19 +77,36 @@ def generate_answers(
     records: Sequence[ConversationRecord],
     image_root: str | Path | None,
     max_new_tokens: int,
+    constrained: bool = False,
 ) -> list[GeneratedAnswer]:
-    """One batch: encode, generate greedily with logits, decode; raises on any failure."""
+    """One batch: encode, generate greedily with logits, decode; raises on any failure.
+
+    ``constrained``: decode region-format records under :class:`GroundingConstraint` (only this
+    image's regions, well-formed segments, labels from :func:`query_labels`; the records of one
+    batch must share those labels), as the ``Predictor`` does.
+    """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
     batch = processor(conversations, images=images, boxes=[record.boxes for record in records])
     samples = batch.samples
     device = next(model.parameters()).device
     batch = batch.to(device)
+    processors = None
+    if constrained and not any(is_coordinate_record(r) for r in records):
+        labels = {query_labels(r) for r in records}
+        if len(labels) != 1:
+            raise ValueError(f"a constrained batch needs one label set, got {sorted(map(str, labels))}")
+        counts = batch["region_counts"].tolist() if "region_counts" in batch else [0] * len(records)
+        constraint = GroundingConstraint.from_processor(
+            processor, counts, labels=labels.pop(), max_new_tokens=max_new_tokens
+        )
+        processors = LogitsProcessorList([constraint])
     with torch.no_grad():
         out = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            logits_processor=processors,
             output_logits=True,  # raw logits of each step; (B, V) per step, kept until the batch is scored
             return_dict_in_generate=True,
         )
@@ -92,17 +132,20 @@ def _run_batch(
     max_new_tokens: int,
     answers: list[GeneratedAnswer | None],
     errors: list[dict[str, Any]],
+    constrained: bool = False,
 ) -> None:
     """Generate for ``indexes``; when the batch fails, retry its records one by one to isolate the bad ones."""
     try:
         results = generate_answers(
-            model, processor, [records[i] for i in indexes], image_root, max_new_tokens
+            model, processor, [records[i] for i in indexes], image_root, max_new_tokens, constrained
         )
     except Exception as err:  # one bad record must not end the run: it is reported instead
         if len(indexes) > 1:
             logger.info("a batch of %d failed (%r); retrying its records one by one", len(indexes), err)
             for i in indexes:
-                _run_batch(model, processor, records, [i], image_root, max_new_tokens, answers, errors)
+                _run_batch(
+                    model, processor, records, [i], image_root, max_new_tokens, answers, errors, constrained
+                )
             return
         logger.warning("record %r failed: %r", records[indexes[0]].id, err)
         errors.append(error_entry(records[indexes[0]], "generation", err))
@@ -120,6 +163,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     confidence: str = "product",
+    constrained: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Generate an answer for every record and score them all.
@@ -132,6 +176,8 @@ def evaluate(
         batch_size / max_new_tokens: generation settings (greedy decoding).
         confidence: the mode reported as ``detection/mAP`` (``proposal``, ``model``, ``product``);
             all three are reported as ``detection/mAP@<mode>`` anyway.
+        constrained: decode under the grounding constraint, as the ``Predictor`` does (see
+            :func:`generate_answers`); False: the raw model.
         progress: show a progress bar.
 
     Raises:
@@ -147,8 +193,11 @@ def evaluate(
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
-            _run_batch(model, processor, records, indexes, image_root, max_new_tokens, answers, errors)
+        plan = _plan_batches(records, batch_size, constrained)
+        for indexes in tqdm(plan, desc="evaluate", disable=not progress):
+            _run_batch(
+                model, processor, records, indexes, image_root, max_new_tokens, answers, errors, constrained
+            )
     finally:
         model.train(was_training)
     done = [(record, answer) for record, answer in zip(records, answers, strict=True) if answer is not None]
@@ -159,6 +208,7 @@ def evaluate(
         records=len(records),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        constrained=constrained,
         seconds=round(time.perf_counter() - start, 3),
     )
     logger.info("evaluated %d records (%d errors)", len(done), len(errors))
