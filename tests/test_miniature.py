@@ -164,9 +164,9 @@ def test_benchmark_report_formats_every_arm():
     spec.loader.exec_module(bench)
     val = {"detection/mAP50": 0.5, "referring/acc50": 0.25, "vqa/accuracy": 0.4}
     arms = [
-        {"arm": arm, "seed": seed, "val": val, "val_easy": val, "recall": {"1.0": 0.5}, "general": val}
+        {"arm": arm, "seed": seed, "val": val, "val_constrained": val, "val_easy": val, "recall": {"1.0": 0.5}, "general": val}
         for arm in ("hybrid", "vit") for seed in (0, 1)
-    ] + [{"arm": "coords", "seed": 0, "val": {"coords/detection/mAP50": 0.1}, "val_easy": {}}]  # fmt: skip
+    ] + [{"arm": "coords", "seed": 0, "val": {"coords/detection/mAP50": 0.1}, "val_constrained": {}, "val_easy": {}}]  # fmt: skip
     results = {
         "seeds": [0, 1], "scale": 1.0, "minutes": 3.0, "cores": 2, "val_limit": None, "arms": arms,
         "random_map50": 0.2, "random_map50_easy": 0.6, "base_general": {"vqa/accuracy": 0.41},
@@ -175,3 +175,11 @@ def test_benchmark_report_formats_every_arm():
     assert "| detection/mAP50 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.100 |" in text
     assert "stage-0 base 0.410, hybrid after stages 1-2 0.400 ± 0.000" in text
     assert "| 1.0 | 0.500 ± 0.000 |" in text
+
+
+def test_shipped_yaml_configs_shuffle_regions_like_the_recipe():
+    from vlm_fo1.training import load_run_config
+
+    for name in ("stage1", "stage2_easy", "stage2"):
+        config = load_run_config(ROOT / "configs" / "miniature" / f"{name}.yaml")
+        assert config.data.shuffle_regions == Recipe().shuffle_regions, name

@@ -91,7 +91,7 @@ class Recipe:
     batch_size: int = 16
     lr: float = 1e-3
     region_loss_weight: float = 5.0
-    shuffle_regions: bool = False
+    shuffle_regions: bool = True
     preset: str = "mini"
     overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
 
@@ -359,16 +359,27 @@ def evaluate_checkpoint(
     *,
     limit: int | None = None,
     batch_size: int = 32,
+    constrained: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Metrics of a checkpoint on a record file (first ``limit`` records); writes the report when
-    ``out`` is given."""
+    """Metrics of a checkpoint on a record file (first ``limit`` records; ``constrained``: decode
+    as the Predictor does); the report is written to ``out`` (default: next to the checkpoint)."""
     from vlm_fo1.evaluation.cli import run_eval
 
-    target = Path(out) if out is not None else Path(model_dir) / f"eval_{Path(records).stem}.json"
+    name = (
+        f"eval_{Path(records).parent.name}_{Path(records).stem}{'_constrained' if constrained else ''}.json"
+    )
+    target = Path(out) if out is not None else Path(model_dir) / name
     report = run_eval(
-        model_dir, records, target, batch_size=batch_size, limit=limit, device="cpu", progress=progress
+        model_dir,
+        records,
+        target,
+        batch_size=batch_size,
+        limit=limit,
+        device="cpu",
+        constrained=constrained,
+        progress=progress,
     )
     return dict(report.metrics)
 
