@@ -42,7 +42,7 @@ from vlm_fo1.evaluation import (
     to_coordinate_record,
 )
 from vlm_fo1.evaluation.cli import run_eval
-from vlm_fo1.evaluation.runner import query_labels
+from vlm_fo1.evaluation.runner import picked_counts, query_labels
 from vlm_fo1.prompting import IM_END
 from vlm_fo1.synthetic import TASK_NAMES, ProposalConfig, generate_dataset
 
@@ -415,6 +415,17 @@ def test_random_choice_map_is_a_floor(world):
     assert 0.0 < value < 1.0
     assert random_choice_map(records) == value  # seeded
     assert math.isnan(random_choice_map([r for r in records if r.meta["task"] == "vqa"]))
+    detection = [r for r in records if r.meta["task"] in ("detection", "multi_detection")]
+    nothing = {r.id: {} for r in detection}
+    assert random_choice_map(detection, counts=nothing) == 0.0  # names nothing: finds nothing
+    true_counts = {r.id: {c: len(b) for c, b in r.meta["gt_boxes"].items()} for r in detection}
+    assert random_choice_map(detection, counts=true_counts) == random_choice_map(detection)
+    scores = score_records(detection, [GeneratedAnswer(r.target()) for r in detection])
+    named = {i: {c: n for c, n in groups.items() if n} for i, groups in picked_counts(scores).items()}
+    assert named == {
+        r.id: {c: len(regions) for c, regions in r.meta["target_regions"].items() if regions}
+        for r in detection
+    }
 
 
 # -- the runner ------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from vlm_fo1.evaluation.scoring import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalReport", "evaluate", "generate_answers", "random_choice_map"]
+__all__ = ["EvalReport", "evaluate", "generate_answers", "picked_counts", "random_choice_map"]
 
 
 def query_labels(record: ConversationRecord) -> tuple[str, ...] | None:
@@ -215,10 +215,19 @@ def evaluate(
     return report
 
 
-def random_choice_map(records: Iterable[ConversationRecord], *, draws: int = 5, seed: int = 0) -> float:
-    """Expected COCO mAP@0.5 of a baseline that, for each asked class, picks as many proposals at
-    random as there are true objects (capped at the proposal count), scored by their proposal
-    scores (1.0 without scores); the mean over ``draws`` seeded draws.
+def random_choice_map(
+    records: Iterable[ConversationRecord],
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    counts: Mapping[Any, Mapping[str, int]] | None = None,
+) -> float:
+    """Expected COCO mAP@0.5 of a baseline that, for each asked class, picks proposals at random,
+    scored by their proposal scores (1.0 without scores); the mean over ``draws`` seeded draws.
+
+    How many it picks: as many as there are true objects (capped at the proposal count), or with
+    ``counts`` (``{record id: {label: n}}``, e.g. :func:`picked_counts` of a model's report) as
+    many as the model named, so that only *which* proposals were chosen differs from the model.
 
     Uses the region-format detection records (``detection``, ``multi_detection``) with
     ``meta["gt_boxes"]``; ``nan`` when there is none or no true box at all.
@@ -245,8 +254,18 @@ def random_choice_map(records: Iterable[ConversationRecord], *, draws: int = 5, 
         detections = []
         for truth, record in zip(truths, usable, strict=True):
             for label, boxes in truth.boxes.items():
-                for j in rng.sample(range(len(record.boxes)), min(len(boxes), len(record.boxes))):
+                wanted = len(boxes) if counts is None else counts.get(record.id, {}).get(label, 0)
+                for j in rng.sample(range(len(record.boxes)), min(wanted, len(record.boxes))):
                     score = record.scores[j] if record.scores else 1.0
                     detections.append(ScoredDetection(truth.image_id, label, record.boxes[j], score))
         values.append(coco_map(truths, detections, list(categories))["mAP50"])
     return sum(values) / len(values)
+
+
+def picked_counts(report: EvalReport) -> dict[Any, dict[str, int]]:
+    """``{record id: {label: number of regions the model named}}`` from a report's predictions
+    (the ``counts`` of :func:`random_choice_map`)."""
+    return {
+        p["id"]: {label: len(regions) for label, regions in (p.get("parsed") or {}).get("groups", {}).items()}
+        for p in report.predictions
+    }
