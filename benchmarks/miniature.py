@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "arms": sorted(results, key=lambda r: (ARMS.index(r["arm"]), r["seed"])),
         "minutes": (time.perf_counter() - start) / 60,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+    name = "demo_results.json" if args.demo_only else "results.json"
+    (out / name).write_text(json.dumps(summary, indent=2, default=float))
     print(report(summary))
     return 0
 

@@ -384,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default=None, help="FO1 checkpoint directory (default: the shipped demo)")
     demo.add_argument("--seed", type=int, default=1, help="which scene to generate")
-    demo.add_argument("--difficulty", choices=["easy", "medium", "full"], default="medium")
+    demo.add_argument(
+        "--difficulty",
+        choices=["easy", "medium", "full"],
+        default="easy",
+        help="scene level (see docs/training.md)",
+    )
     demo.add_argument("--save", default="fo1_demo.png", help="annotated PNG to write")
     demo.add_argument("--no-save", action="store_true", help="do not write the annotated PNG")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -82,12 +82,14 @@ class DemoResult:
     annotated: Path | None
     seconds: float
 
-    def _best_ious(self) -> list[float]:
-        truth = [box for label, _, box in self.truth]
+    def _nearest(self) -> list[tuple[str, float]]:
+        """For each detection: the phrase of the true object it overlaps most, and that IoU."""
+        truth = [box for _, _, box in self.truth]
         found = [d.box for d in self.detection.detections]
         if not truth or not found:
-            return [0.0] * len(found)
-        return box_iou(found, truth).max(dim=1).values.tolist()
+            return [("-", 0.0)] * len(found)
+        best = box_iou(found, truth).max(dim=1)
+        return [(self.truth[int(i)][1], float(v)) for v, i in zip(best.values, best.indices, strict=True)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``vlm-fo1 demo --json``)."""
@@ -118,11 +120,11 @@ class DemoResult:
         ]
         labels = ", ".join(sorted({label for label, _, _ in self.truth}))
         lines.append(f"\ndetect {labels}  ({self.detection.num_proposals} proposals):")
-        for d, best in zip(self.detection.detections, self._best_ious(), strict=True):
+        for d, (phrase, best) in zip(self.detection.detections, self._nearest(), strict=True):
             box = ", ".join(f"{v:.0f}" for v in d.box)
             lines.append(
                 f"  {d.label:<10} score {d.score:.2f}  box [{box}]  <region{d.region_index}>  "
-                f"IoU with nearest object {best:.2f}"
+                f"best overlap: {phrase} (IoU {best:.2f})"
             )
         if not self.detection.detections:
             lines.append("  (nothing detected)")
@@ -155,7 +157,7 @@ def run_demo(
     model: str | Path | None = None,
     *,
     seed: int = 1,
-    difficulty: str = "medium",
+    difficulty: str = "easy",
     save: str | Path | None = "fo1_demo.png",
     device: str = "cpu",
 ) -> DemoResult:
