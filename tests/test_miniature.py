@@ -232,3 +232,30 @@ def test_reduced_recipe_learns_to_retrieve_regions(tmp_path):
     # detection is small: the "well above random choice" is not reached (RESULTS.md).
     assert metrics["detection/mAP50"] > chance + 0.02
     assert metrics["referring/acc50"] > rec_chance + 0.1
+
+
+def test_perceive_command_writes_a_checkpoint_with_its_accuracy(world, tmp_path, capsys):
+    from vlm_fo1.cli import main
+
+    base = train_base(world, tmp_path / "base", TINY_RECIPE)
+    scenes = world.full.with_name("train_scenes.jsonl")
+    out = tmp_path / "perceived"
+    assert (
+        main(
+            [
+                "perceive",
+                str(base),
+                str(scenes),
+                str(out),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (out / "config.json").is_file() and "region side pretrained" in capsys.readouterr().out
+    accuracy = json.loads((out / "perception.json").read_text())["accuracy"]
+    assert set(accuracy) == {"kind", "colour", "size"} and all(0 <= v <= 1 for v in accuracy.values())
