@@ -172,6 +172,29 @@ def postprocess(
     return clipped.select(index)
 
 
+class FilteredProposer:
+    """Mixin for proposers: keeps the ``score_threshold`` / ``nms_iou`` / ``top_k`` filter
+    settings (validated once) and applies :func:`postprocess` with them."""
+
+    score_threshold: float | None
+    nms_iou: float | None
+    top_k: int | None
+
+    def _set_filter(self, score_threshold: float | None, nms_iou: float | None, top_k: int | None) -> None:
+        check_filter(score_threshold, nms_iou, top_k)
+        self.score_threshold, self.nms_iou, self.top_k = score_threshold, nms_iou, top_k
+
+    def _filter(self, raw: ProposalSet, image_size: tuple[int, int]) -> ProposalSet:
+        """``raw`` clipped to ``image_size`` (width, height) and filtered by this proposer's settings."""
+        return postprocess(
+            raw,
+            score_threshold=self.score_threshold,
+            nms_iou=self.nms_iou,
+            top_k=self.top_k,
+            image_size=image_size,
+        )
+
+
 ProposerFactory = Callable[..., ProposalNetwork]
 _REGISTRY: dict[str, ProposerFactory] = {}
 
@@ -212,7 +235,7 @@ def build_proposer(name: str, **kwargs: Any) -> ProposalNetwork:
     return factory(**kwargs)
 
 
-class UnionProposer:
+class UnionProposer(FilteredProposer):
     """Several proposers at once: their boxes are pooled, then :func:`postprocess` ed together.
 
     Labels: when at least one source gives labels, sources without them contribute ``""``.
@@ -232,23 +255,14 @@ class UnionProposer:
     ) -> None:
         if not proposers:
             raise ValueError("UnionProposer needs at least one proposer, got none")
-        check_filter(score_threshold, nms_iou, top_k)
+        self._set_filter(score_threshold, nms_iou, top_k)
         self.proposers = tuple(proposers)
-        self.score_threshold = score_threshold
-        self.nms_iou = nms_iou
-        self.top_k = top_k
         self.name = "union(" + "+".join(p.name for p in self.proposers) + ")"
 
     def propose(self, image: Image.Image, labels: Sequence[str] | None = None) -> ProposalSet:
         """Pool every source's boxes for ``image`` and filter them (boxes in ``image`` pixels)."""
         parts = [proposer.propose(image, labels) for proposer in self.proposers]
-        return postprocess(
-            merge_proposals(parts),
-            score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou,
-            top_k=self.top_k,
-            image_size=image.size,
-        )
+        return self._filter(merge_proposals(parts), image.size)
 
 
 def merge_proposals(parts: Sequence[ProposalSet]) -> ProposalSet:

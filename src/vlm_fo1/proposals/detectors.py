@@ -30,9 +30,8 @@ from vlm_fo1.proposals.base import (
     DEFAULT_NMS_IOU,
     DEFAULT_SCORE_THRESHOLD,
     DEFAULT_TOP_K,
+    FilteredProposer,
     ProposalSet,
-    check_filter,
-    postprocess,
     register_proposer,
 )
 
@@ -145,7 +144,7 @@ def _check_labels(labels: Sequence[str], name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(words))
 
 
-class TransformersDetector:
+class TransformersDetector(FilteredProposer):
     """Shared adapter logic; subclasses encode the query and decode the processor's output.
 
     Args:
@@ -173,15 +172,12 @@ class TransformersDetector:
         nms_iou: float | None = DEFAULT_NMS_IOU,
         top_k: int | None = DEFAULT_TOP_K,
     ) -> None:
-        check_filter(score_threshold, nms_iou, top_k)
+        self._set_filter(score_threshold, nms_iou, top_k)
         self.model, self.processor = self._resolve(model, processor)
         if dtype is not None or device is not None:
             self.model.to(device=device, dtype=dtype)
         self.model.eval()
         self.labels = _check_labels(labels, "labels")
-        self.score_threshold = score_threshold
-        self.nms_iou = nms_iou
-        self.top_k = top_k
 
     def _resolve(self, model: Any, processor: Any) -> tuple[Any, Any]:
         """The model and processor objects, loading those given as paths or hub ids."""
@@ -231,13 +227,7 @@ class TransformersDetector:
         result = self._decode(outputs, inputs, words, [(image.height, image.width)])
         raw = ProposalSet(result["boxes"], result["scores"], tuple(result["text_labels"]))
         logger.debug("%s: %d raw detections for %d words", self.name, len(raw), len(words))
-        return postprocess(
-            raw,
-            score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou,
-            top_k=self.top_k,
-            image_size=image.size,
-        )
+        return self._filter(raw, image.size)
 
     def _encode(self, image: Image.Image, words: tuple[str, ...]) -> Any:
         raise NotImplementedError

@@ -32,10 +32,9 @@ from vlm_fo1.boxes import as_box_tensor, xywh_to_xyxy
 from vlm_fo1.data.proposal_sources import ImageKey, ImageProposals, image_key, load_proposals
 from vlm_fo1.proposals.base import (
     DEFAULT_TOP_K,
+    FilteredProposer,
     ProposalSet,
     as_proposal_set,
-    check_filter,
-    postprocess,
     register_proposer,
 )
 
@@ -161,7 +160,7 @@ def _candidate_keys(image: Image.Image | None, image_id: Any) -> list[ImageKey]:
 
 
 @register_proposer("given")
-class GivenProposer:
+class GivenProposer(FilteredProposer):
     """User-supplied candidate boxes as a :class:`~vlm_fo1.proposals.base.ProposalNetwork`.
 
     Args:
@@ -190,10 +189,7 @@ class GivenProposer:
         top_k: int | None = DEFAULT_TOP_K,
     ) -> None:
         _check_format(box_format)
-        check_filter(score_threshold, nms_iou, top_k)
-        self.score_threshold = score_threshold
-        self.nms_iou = nms_iou
-        self.top_k = top_k
+        self._set_filter(score_threshold, nms_iou, top_k)
         source: ProposalSet | dict[ImageKey, ProposalSet]
         if isinstance(boxes, str | Path):
             source = read_given_file(boxes, box_format)
@@ -245,10 +241,4 @@ class GivenProposer:
             image_id: which per-image list to use (default: the file name the image was opened from).
         """
         del labels
-        return postprocess(
-            self.lookup(image, image_id),
-            score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou,
-            top_k=self.top_k,
-            image_size=image.size,
-        )
+        return self._filter(self.lookup(image, image_id), image.size)

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlm_fo1.proposals.base import ProposalSet, check_filter, postprocess, register_proposer
+from vlm_fo1.proposals.base import FilteredProposer, ProposalSet, register_proposer
 from vlm_fo1.synthetic.dataset import derive_seed
 from vlm_fo1.synthetic.proposals import ProposalConfig, Proposals, simulate_proposals
 from vlm_fo1.synthetic.scenes import Scene
@@ -45,7 +45,7 @@ def _scene_list(scenes: Scene | Sequence[Scene] | Mapping[Any, Scene]) -> list[S
 
 
 @register_proposer("synthetic")
-class SyntheticProposer:
+class SyntheticProposer(FilteredProposer):
     """Simulated class-agnostic proposals for known miniature-world scenes.
 
     Args:
@@ -70,13 +70,10 @@ class SyntheticProposer:
         nms_iou: float | None = None,
         top_k: int | None = None,
     ) -> None:
-        check_filter(score_threshold, nms_iou, top_k)
+        self._set_filter(score_threshold, nms_iou, top_k)
         self.scenes = _scene_list(scenes)
         self.config = config if config is not None else ProposalConfig()
         self.seed = int(seed)
-        self.score_threshold = score_threshold
-        self.nms_iou = nms_iou
-        self.top_k = top_k
         if proposals is not None and len(proposals) != len(self.scenes):
             raise ValueError(f"expected one Proposals per scene ({len(self.scenes)}), got {len(proposals)}")
         self._cache: dict[int, Proposals] = dict(enumerate(proposals)) if proposals is not None else {}
@@ -121,10 +118,4 @@ class SyntheticProposer:
         del labels
         simulated = self.simulated(image)
         raw = ProposalSet([list(box) for box in simulated.boxes], list(simulated.scores), None)
-        return postprocess(
-            raw,
-            score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou,
-            top_k=self.top_k,
-            image_size=image.size,
-        )
+        return self._filter(raw, image.size)
