@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         Recipe,
         WorldSpec,
         evaluate_checkpoint,
+        first_records,
         make_world,
         scaled,
         train_base,
@@ -248,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "cores": cores,
         "val_limit": args.val_limit,
         "recipe": recipe.__dict__,
-        "random_map50": random_choice_map(read_val(world.val, args.val_limit)),
-        "random_map50_easy": random_choice_map(read_val(world.val_easy, args.val_limit)),
+        "random_map50": random_choice_map(first_records(world.val, args.val_limit)),
+        "random_map50_easy": random_choice_map(first_records(world.val_easy, args.val_limit)),
         "base_general": evaluate_checkpoint(base, world.val_general),
         "arms": sorted(results, key=lambda r: (ARMS.index(r["arm"]), r["seed"])),
         "minutes": (time.perf_counter() - start) / 60,
@@ -258,12 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / name).write_text(json.dumps(summary, indent=2, default=float))
     print(report(summary))
     return 0
-
-
-def read_val(path: Path, limit: int) -> list:
-    from vlm_fo1.training.miniature import first_records
-
-    return first_records(path, limit)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,7 @@ BOXES = [[i * 8.0, i * 5.0, i * 8.0 + 40, i * 5.0 + 30] for i in range(12)]
 COUNTS = (12, 3, 0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,6 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
                     momentum=bn.momentum,
                     eps=bn.eps,
                 ).to(tokens.dtype)
-
             else:
                 tokens = F.rms_norm(tokens, (tokens.shape[-1],))
             tokens = tokens * table.detach().float().pow(2).mean().sqrt().to(tokens.dtype)

@@ -117,6 +117,17 @@ def _region_features(
     )
 
 
+def _word_vectors(
+    model: FO1ForConditionalGeneration, processor: FO1Processor, classes: dict[str, list[str]]
+) -> dict[str, torch.Tensor]:
+    """``{attribute word: (D,) mean input embedding of its tokens}`` (the alignment targets)."""
+    table = model.get_input_embeddings().weight.detach()
+    words = sorted({v for values in classes.values() for v in values if v != BACKGROUND})
+    return {
+        w: table[processor.tokenizer(w, add_special_tokens=False)["input_ids"]].float().mean(0) for w in words
+    }
+
+
 def _alignment_loss(
     model: FO1ForConditionalGeneration,
     features: torch.Tensor,
@@ -199,14 +210,7 @@ def pretrain_region_perception(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW([*trainable, *heads.parameters()], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    table = model.get_input_embeddings().weight.detach()
-
-    def word_vector(word: str) -> torch.Tensor:
-        ids = processor.tokenizer(word, add_special_tokens=False)["input_ids"]
-        return table[ids].float().mean(0)
-
-    words = {v for values in classes.values() for v in values if v != BACKGROUND}
-    vectors = {w: word_vector(w) for w in sorted(words)}
+    vectors = _word_vectors(model, processor, classes) if align_weight > 0 else {}
 
     def load(chosen: list) -> tuple[list[Image.Image], list[list], dict[str, torch.Tensor]]:
         images = [Image.open(root / image).convert("RGB") for image, _, _ in chosen]
