@@ -188,6 +188,22 @@ def test_proposals_capped_sorted_clipped() -> None:
     assert full == simulate_proposals(render_scene(CONFIG, 3), PROPOSALS, random.Random(0))
 
 
+def test_proposal_nms_keeps_the_best_of_each_overlapping_group() -> None:
+    import torch
+    from torchvision.ops import nms
+
+    config = ProposalConfig(nms_iou=0.8, duplicates_range=(2, 2))
+    raw_config = ProposalConfig(duplicates_range=(2, 2), max_proposals=1000)
+    for scene in _scenes(30, base=3000):
+        raw = simulate_proposals(scene, raw_config, random.Random(scene.seed))
+        kept = simulate_proposals(scene, config, random.Random(scene.seed))
+        expected = nms(torch.tensor(raw.boxes), torch.tensor(raw.scores), 0.8).tolist()
+        assert kept.boxes == tuple(raw.boxes[i] for i in expected[: config.max_proposals])
+        assert len(kept) <= len(raw)
+    with pytest.raises(ValueError, match="nms_iou must be in"):
+        ProposalConfig(nms_iou=0.0)
+
+
 def test_match_proposals_is_greedy_one_to_one() -> None:
     objects = [[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]]
     proposals = [[1, 0, 11, 10], [0, 0, 10, 12], [100, 100, 110, 110]]

@@ -103,6 +103,22 @@ def test_shuffle_regions_draws_seeded_permutations(data_dir):
     assert moved > 20
 
 
+def test_shuffle_regions_share(data_dir):
+    from vlm_fo1.training.config import DataSource, DataSpec
+    from vlm_fo1.training.trainer import build_dataset
+
+    source = [DataSource(str(data_dir / "train.jsonl"))]
+    plain = build_dataset(DataSpec(train=source), 200, seed=3)
+    half = build_dataset(DataSpec(train=source, shuffle_regions=0.5), 200, seed=3)
+    multi = [i for i, r in enumerate(plain.records) if len(r.boxes) > 2]
+    kept = sum(half.records[i].boxes == plain.records[i].boxes for i in multi)
+    assert 0.3 < kept / len(multi) < 0.75  # about half kept (plus permutations that change nothing)
+    bad = _config(data_dir, data_dir / "x", 0, None)
+    bad["data"]["shuffle_regions"] = 1.5
+    with pytest.raises(ValueError, match=r"data.shuffle_regions must be a share in \[0, 1\]"):
+        run_config_from_dict(bad)
+
+
 # -- stages ------------------------------------------------------------------------------------------------
 def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}

@@ -41,6 +41,8 @@ class ProposalConfig:
         object_score / loose_score / part_score / distractor_score: ``(low, high)`` ranges; the
             object score grows with IoU inside its range, and ``score_noise`` is added to all.
         max_proposals: cap after sorting by score (the release uses 100).
+        nms_iou: when set, greedy class-agnostic non-maximum suppression at this IoU before the
+            cap, as the release filters its detector's boxes (0.8); None keeps every box.
     """
 
     recall: float = 0.95
@@ -57,6 +59,7 @@ class ProposalConfig:
     distractor_score: tuple[float, float] = (0.05, 0.6)
     score_noise: float = 0.04
     max_proposals: int = 100
+    nms_iou: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("recall", "loose_probability", "part_probability", "clutter_distractor_probability"):
@@ -65,6 +68,8 @@ class ProposalConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         if self.jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {self.jitter!r}")
+        if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1] or None, got {self.nms_iou!r}")
         if self.max_proposals < 1:
             raise ValueError(f"max_proposals must be >= 1, got {self.max_proposals!r}")
         for name in ("duplicates_range", "distractors_range"):
@@ -228,7 +233,14 @@ def simulate_proposals(scene: Scene, config: ProposalConfig, rng: random.Random)
         if rng.random() < config.recall:
             items.extend(_object_proposals(index, obj.box, config, rng, scene.size))
     items.extend(_distractors(scene, config, rng))
-    order = sorted(range(len(items)), key=lambda i: (-items[i][1], i))[: config.max_proposals]
+    order = sorted(range(len(items)), key=lambda i: (-items[i][1], i))
+    if config.nms_iou is not None:
+        kept: list[int] = []
+        for i in order:
+            if all(_iou(items[i][0], items[k][0]) <= config.nms_iou for k in kept):
+                kept.append(i)
+        order = kept
+    order = order[: config.max_proposals]
     if len(items) > config.max_proposals:
         logger.debug("scene %d: %d proposals capped to %d", scene.seed, len(items), config.max_proposals)
     return Proposals(

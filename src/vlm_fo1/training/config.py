@@ -73,16 +73,18 @@ class DataSpec:
         max_length: raise on longer samples (no silent truncation).
         pack_turns: merge up to this many records about the same image into one multi-turn
             conversation (the image and region listing are then encoded once for all of them).
-        shuffle_regions: list each drawn record's boxes in a random order (indexes in prompts,
-            answers and meta renumbered), so that the listing order, which follows the proposal
-            score, cannot stand in for the regions' content.
+        shuffle_regions: the share of drawn records whose boxes are listed in a random order
+            (indexes in prompts, answers and meta renumbered), so that the listing order, which
+            follows the proposal score, cannot stand in for the regions' content; ``true`` is 1,
+            ``false`` 0. Between 0 and 1, the model must read the regions and may still use the
+            score order where it is kept (it is kept at inference).
     """
 
     train: list[DataSource] = field(default_factory=list)
     exclude_negatives: bool = False
     max_length: int | None = None
     pack_turns: int = 1
-    shuffle_regions: bool = False
+    shuffle_regions: float = 0.0
 
 
 @dataclass
@@ -149,6 +151,9 @@ class RunConfig:
             value = getattr(self.optim, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"optim.{name} must be a positive number, got {value!r}")
+        share = self.data.shuffle_regions
+        if not isinstance(share, (bool, int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"data.shuffle_regions must be a share in [0, 1] or a bool, got {share!r}")
         if self.stage > 0 and self.model.init is None:
             raise ValueError(f"stage {self.stage} starts from a checkpoint: set model.init")
 

@@ -91,7 +91,8 @@ class Recipe:
     batch_size: int = 16
     lr: float = 1e-3
     region_loss_weight: float = 5.0
-    shuffle_regions: bool = True
+    shuffle_regions: float = 1.0
+    pack_turns: int = 1
     preset: str = "mini"
     overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
 
@@ -201,7 +202,8 @@ def _stage(
         "data": {
             "train": [{"path": str(p), "weight": w} for p, w in sources],
             "exclude_negatives": exclude_negatives,
-            "shuffle_regions": recipe.shuffle_regions and stage > 0,
+            "shuffle_regions": recipe.shuffle_regions if stage > 0 else 0.0,
+            "pack_turns": recipe.pack_turns if stage > 0 else 1,
         },
         "optim": {
             "steps": steps,

@@ -231,8 +231,12 @@ def build_dataset(spec: DataSpec, num_samples: int, seed: int) -> RecordDataset:
         items.extend((r, root) for r in order)
     rng.shuffle(items)
     if spec.shuffle_regions:  # a fresh listing order per drawn item (repeats get different ones)
+        share = float(spec.shuffle_regions)
         items = [
-            (permute_regions(r, rng.sample(range(len(r.boxes)), len(r.boxes))), root) for r, root in items
+            (permute_regions(r, rng.sample(range(len(r.boxes)), len(r.boxes))), root)
+            if rng.random() < share
+            else (r, root)
+            for r, root in items
         ]
     return RecordDataset([r for r, _ in items], [root for _, root in items])
 
