@@ -540,3 +540,65 @@ def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(wor
     mixed = [r for r in chosen if r.meta["task"] == "referring"][:2]
     with pytest.raises(ValueError, match="one label set"):
         generate_answers(model, processor, mixed, root, max_new_tokens=4, constrained=True)
+
+
+# -- ranked retrieval -------------------------------------------------------------------------------------
+def test_rank_regions_matches_the_teacher_forced_answer(world, model, processor):
+    """The ranking equals the next-token distribution the model gives inside a whole answer
+    encoded the training way (the assistant turn in the conversation, right padding)."""
+    from vlm_fo1.prompting.tokens import region_token
+    from vlm_fo1.ranking import rank_regions
+
+    root, records = world
+    record = next(r for r in records if r.meta["task"] == "detection" and len(r.boxes) > 2)
+    label = record.meta["classes"][0]
+    ranked = rank_regions(
+        model, processor, record.prompt_messages(), record.image_path(root), record.boxes, [label, "circle"]
+    )
+    assert set(ranked) == {label, "circle"} and all(len(v) == len(record.boxes) for v in ranked.values())
+    answer = f"<ground>{label}</ground><objects>{region_token(0)}</objects>"
+    conversation = [*record.prompt_messages(), {"role": "assistant", "content": answer}]
+    batch = processor([conversation], images=[record.image_path(root)], boxes=[record.boxes])
+    position = int((batch["input_ids"][0] == processor.region_token_ids[0]).nonzero()[-1])
+    with torch.no_grad():
+        logits = model(**batch).logits[0, position - 1].float()
+    expected = logits.softmax(-1)[processor.region_token_ids[: len(record.boxes)]]
+    torch.testing.assert_close(torch.tensor(ranked[label]), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="special tokens"):
+        rank_regions(
+            model, processor, record.prompt_messages(), record.image_path(root), record.boxes, ["<region1>"]
+        )
+    with pytest.raises(ValueError, match="at least one candidate box"):
+        rank_regions(model, processor, record.prompt_messages(), record.image_path(root), [], [label])
+
+
+def test_ranked_evaluation_reports_the_ranking_map(world, model, processor):
+    from vlm_fo1.evaluation import proposal_ranking_map
+
+    root, records = world
+    detection = [r for r in records if r.meta["task"] in ("detection", "multi_detection")][:10]
+    report = evaluate(
+        model, processor, detection, root, max_new_tokens=8, constrained=True, ranked=True, progress=False
+    )
+    metrics = report.metrics
+    assert report.settings["ranked"] is True and not report.errors
+    for name in ("mAP@ranked", "mAP50@ranked", "mAP50@ranked_product"):
+        assert 0.0 <= metrics[f"detection/{name}"] <= 1.0
+    plain = evaluate(model, processor, detection, root, max_new_tokens=8, constrained=True, progress=False)
+    assert "detection/mAP50@ranked" not in plain.metrics
+    assert plain.metrics["detection/mAP50"] == metrics["detection/mAP50"]  # generation is unchanged
+    # Perfect rankers: every target region first, scored 1 (every other region 0), reach mAP 1
+    # wherever each object has a proposal; the proposal-score ranking is lower.
+    answers = [
+        GeneratedAnswer(
+            r.target(),
+            ranked={
+                c: [1.0 if n in r.meta["target_regions"][c] else 0.0 for n in range(len(r.boxes))]
+                for c in r.meta["classes"]
+            },
+        )
+        for r in detection
+    ]
+    perfect = score_records(detection, answers).metrics
+    assert perfect["detection/mAP50@ranked"] == perfect["detection/mAP50"]
+    assert proposal_ranking_map(detection) < perfect["detection/mAP50@ranked"]

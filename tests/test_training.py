@@ -337,6 +337,7 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
         model, processor, data / "train_scenes.jsonl", steps=2, batch_size=4, align_weight=1.0, progress=False
     )
     assert any(not torch.equal(a, b) for a, b in zip(connector, model.connector.parameters(), strict=True))
+    assert result.heads is not None and set(result.heads.classes) == {"kind", "colour", "size"}
     with pytest.raises(ValueError, match="held_out"):
         pretrain_region_perception(
             model, processor, data / "train_scenes.jsonl", held_out=500, progress=False
@@ -345,3 +346,51 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
         bad = tmp_path / "bad_scenes.jsonl"
         bad.write_text('{"image": "x.png"}\n')
         read_scene_regions(bad)
+
+
+def test_probe_detection_scores_regions_by_the_kind_head(stage0, tmp_path, monkeypatch):
+    """With region features that are the truth (one-hot kind of each target region), the probe
+    ranks every target region first: mAP@0.5 is 1 when every object has a proposal."""
+
+    from vlm_fo1.training import perception
+
+    data = tmp_path / "world"
+    generate_dataset(data, 30, seed=7, split_name="val", proposal_config=ProposalConfig(recall=1.0))
+    records = [r for r in read_records(data / "val.jsonl") if r.meta.get("task") == "detection"]
+    kinds = ["background", "circle", "diamond", "hexagon", "square", "star", "triangle", "word"]
+    queue = []
+
+    def oracle(model, processor, images, boxes):
+        record = queue.pop(0)
+        label = record.meta["classes"][0]
+        rows = torch.zeros(len(boxes[0]), len(kinds))
+        rows[:, 0] = 1.0
+        for region in record.meta["target_regions"][label]:
+            rows[region] = 0.0
+            rows[region, kinds.index(label)] = 1.0
+        return [len(boxes[0])], rows
+
+    heads = perception._Heads(len(kinds), {"kind": kinds})
+    with torch.no_grad():
+        heads.heads["kind"].weight.copy_(10 * torch.eye(len(kinds)))
+        heads.heads["kind"].bias.zero_()
+    monkeypatch.setattr(perception, "_region_features", oracle)
+    config = run_config_from_dict(_config(data, Path("x"), 1, stage0, model={"keep": "vlm"}))
+    model, processor = init_model(config)
+    usable = [r for r in records if r.meta["classes"][0] in kinds]
+    queue.extend(r for r in usable if r.boxes)
+    metrics = perception.probe_detection(model, processor, heads, records, data)
+    assert not queue and metrics["mAP50"] == pytest.approx(1.0)
+    queue.extend(r for r in usable if r.boxes)
+    flipped = perception.probe_detection(model, processor, _negated(heads), records, data)
+    assert flipped["mAP50"] < 0.5
+    with pytest.raises(ValueError, match="single-class detection records"):
+        perception.probe_detection(model, processor, heads, records[:0], data)
+
+
+def _negated(heads):
+    """The same heads with every logit negated (the truth ranked last)."""
+    with torch.no_grad():
+        for layer in heads.heads.values():
+            layer.weight.neg_()
+    return heads

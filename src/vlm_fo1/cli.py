@@ -282,6 +282,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         confidence=args.confidence,
         constrained=args.constrained,
+        ranked=args.ranked,
         progress=not args.no_progress,
     )
     print(report.table())
@@ -339,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--constrained",
         action="store_true",
         help="decode under the grounding constraint, as the Predictor does",
+    )
+    evaluate.add_argument(
+        "--ranked",
+        action="store_true",
+        help="also rank every region of each detection query by the model (detection/mAP@ranked)",
     )
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)

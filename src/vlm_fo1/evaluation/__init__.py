@@ -36,7 +36,7 @@ from vlm_fo1.evaluation.metrics import (
     rec_accuracy,
 )
 from vlm_fo1.evaluation.report import EvalReport
-from vlm_fo1.evaluation.runner import evaluate, generate_answers, random_choice_map
+from vlm_fo1.evaluation.runner import evaluate, generate_answers, proposal_ranking_map, random_choice_map
 from vlm_fo1.evaluation.scoring import TASK_GROUPS, GeneratedAnswer, score_records
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "normalize_answer",
     "parse_box_text",
     "precision_recall",
+    "proposal_ranking_map",
     "random_choice_map",
     "rec_accuracy",
     "region_token_probabilities",

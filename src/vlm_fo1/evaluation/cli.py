@@ -33,6 +33,7 @@ def run_eval(
     device: str | None = None,
     confidence: str = "product",
     constrained: bool = False,
+    ranked: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -44,7 +45,7 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / constrained / batch_size / max_new_tokens / progress: see :func:`evaluate`.
+        confidence / constrained / ranked / batch_size / max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
@@ -72,6 +73,7 @@ def run_eval(
         max_new_tokens=max_new_tokens,
         confidence=confidence,
         constrained=constrained,
+        ranked=ranked,
         progress=progress,
     )
     report.settings.update(model=str(model_dir), data=str(data_path), device=str(target))

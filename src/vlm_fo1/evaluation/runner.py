@@ -11,6 +11,7 @@ many boxes, missing truth …) is listed in ``EvalReport.errors`` and skipped; t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -36,10 +37,18 @@ from vlm_fo1.evaluation.scoring import (
     score_records,
     task_of,
 )
+from vlm_fo1.ranking import rank_regions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalReport", "evaluate", "generate_answers", "picked_counts", "random_choice_map"]
+__all__ = [
+    "EvalReport",
+    "evaluate",
+    "generate_answers",
+    "picked_counts",
+    "proposal_ranking_map",
+    "random_choice_map",
+]
 
 
 def query_labels(record: ConversationRecord) -> tuple[str, ...] | None:
@@ -154,6 +163,46 @@ def _run_batch(
         answers[i] = result
 
 
+def _rank_detections(
+    model: Any,
+    processor: Any,
+    records: Sequence[ConversationRecord],
+    image_root: str | Path | None,
+    answers: list[GeneratedAnswer | None],
+    errors: list[dict[str, Any]],
+    progress: bool,
+) -> None:
+    """Attach :func:`rank_regions` scores to the answers of (multi-)detection region records; a
+    record whose ranking fails is reported in ``errors`` and dropped like a failed generation."""
+    todo = [
+        i
+        for i, record in enumerate(records)
+        if answers[i] is not None
+        and record.boxes
+        and not is_coordinate_record(record)
+        and task_of(record) in ("detection", "multi_detection")
+        and query_labels(record)
+    ]
+    for i in tqdm(todo, desc="rank", disable=not progress):
+        record, answer, labels = records[i], answers[i], query_labels(records[i])
+        assert answer is not None and labels is not None
+        try:
+            scores = rank_regions(
+                model,
+                processor,
+                record.prompt_messages(),
+                record.image_path(image_root),
+                record.boxes,
+                labels,
+            )
+        except Exception as err:  # one bad record must not end the run: it is reported instead
+            logger.warning("record %r failed to rank: %r", record.id, err)
+            errors.append(error_entry(record, "ranking", err))
+            answers[i] = None
+            continue
+        answers[i] = dataclasses.replace(answer, ranked=scores)
+
+
 def evaluate(
     model: Any,
     processor: Any,
@@ -164,6 +213,7 @@ def evaluate(
     max_new_tokens: int = 64,
     confidence: str = "product",
     constrained: bool = False,
+    ranked: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Generate an answer for every record and score them all.
@@ -178,6 +228,9 @@ def evaluate(
             all three are reported as ``detection/mAP@<mode>`` anyway.
         constrained: decode under the grounding constraint, as the ``Predictor`` does (see
             :func:`generate_answers`); False: the raw model.
+        ranked: also rank every region of each (multi-)detection record for each asked label
+            (:func:`vlm_fo1.ranking.rank_regions`, one forward pass per label) and report the
+            ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
         progress: show a progress bar.
 
     Raises:
@@ -198,6 +251,8 @@ def evaluate(
             _run_batch(
                 model, processor, records, indexes, image_root, max_new_tokens, answers, errors, constrained
             )
+        if ranked:
+            _rank_detections(model, processor, records, image_root, answers, errors, progress)
     finally:
         model.train(was_training)
     done = [(record, answer) for record, answer in zip(records, answers, strict=True) if answer is not None]
@@ -209,10 +264,46 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         constrained=constrained,
+        ranked=ranked,
         seconds=round(time.perf_counter() - start, 3),
     )
     logger.info("evaluated %d records (%d errors)", len(done), len(errors))
     return report
+
+
+def _detection_truths(
+    records: Iterable[ConversationRecord],
+) -> tuple[list[ConversationRecord], list[DetectionTruth], list[str]]:
+    """The region-format detection records with ``meta["gt_boxes"]``, their truths, the classes."""
+    usable = [
+        r
+        for r in records
+        if TASK_GROUPS.get(task_of(r) or "") == "detection"
+        and not is_coordinate_record(r)
+        and "gt_boxes" in r.meta
+    ]
+    truths, categories = [], {}
+    for image_id, record in enumerate(usable, start=1):
+        classes = list(record.meta.get("classes") or record.meta["gt_boxes"])
+        categories.update(dict.fromkeys(classes))
+        truths.append(DetectionTruth(image_id, {c: record.meta["gt_boxes"].get(c, []) for c in classes}))
+    return usable, truths, list(categories)
+
+
+def proposal_ranking_map(records: Iterable[ConversationRecord]) -> float:
+    """COCO mAP@0.5 of the baseline that lists every proposal for every asked class, ranked by its
+    proposal score alone (class-blind): the floor of ``detection/mAP50@ranked_product``.
+    Same records as :func:`random_choice_map`; ``nan`` when there is none."""
+    usable, truths, categories = _detection_truths(records)
+    if not usable:
+        return math.nan
+    detections = [
+        ScoredDetection(truth.image_id, label, box, record.scores[j] if record.scores else 1.0)
+        for truth, record in zip(truths, usable, strict=True)
+        for label in truth.boxes
+        for j, box in enumerate(record.boxes)
+    ]
+    return coco_map(truths, detections, categories)["mAP50"]
 
 
 def random_choice_map(
@@ -234,20 +325,9 @@ def random_choice_map(
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    usable = [
-        r
-        for r in records
-        if TASK_GROUPS.get(task_of(r) or "") == "detection"
-        and not is_coordinate_record(r)
-        and "gt_boxes" in r.meta
-    ]
+    usable, truths, categories = _detection_truths(records)
     if not usable:
         return math.nan
-    truths, categories = [], {}
-    for image_id, record in enumerate(usable, start=1):
-        classes = list(record.meta.get("classes") or record.meta["gt_boxes"])
-        categories.update(dict.fromkeys(classes))
-        truths.append(DetectionTruth(image_id, {c: record.meta["gt_boxes"].get(c, []) for c in classes}))
     values = []
     for draw in range(draws):
         rng = random.Random(seed * 1_000_003 + draw)

@@ -11,8 +11,8 @@ metric names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_fo1.data.records import ConversationRecord
@@ -40,6 +40,9 @@ from vlm_fo1.prompting.parse import ParsedOutput, parse
 
 logger = logging.getLogger(__name__)
 
+RANKED_MODES = ("ranked", "ranked_product")
+"""Scores of ranked detections (``vlm_fo1.ranking``): ``p_rank``, and ``p_rank`` x proposal score."""
+
 
 @dataclass(frozen=True)
 class GeneratedAnswer:
@@ -50,11 +53,14 @@ class GeneratedAnswer:
         boxes: the candidate boxes the answer's ``<regionN>`` index (original pixels, after the
             processor's clipping); None: the record's own boxes.
         region_probs: the emitted region tokens with their probabilities; None: 1.0 each.
+        ranked: ``{label: probability of naming each region first}`` (``vlm_fo1.ranking``), for
+            detection records evaluated with ``ranked=True``; None otherwise.
     """
 
     text: str
     boxes: Sequence[Sequence[float]] | None = None
     region_probs: Sequence[RegionTokenProb] | None = None
+    ranked: Mapping[str, Sequence[float]] | None = None
 
 
 def task_of(record: ConversationRecord) -> str | None:
@@ -87,6 +93,7 @@ class ReadAnswer:
     coords: bool
     preds: list[Prediction]
     parsed: ParsedOutput | None
+    ranked: list[Prediction] = field(default_factory=list)  # every region per label, probability = p_rank
 
     @classmethod
     def build(cls, record: ConversationRecord, answer: GeneratedAnswer) -> ReadAnswer:
@@ -108,7 +115,12 @@ class ReadAnswer:
             )
             for d in parsed.detections
         ]
-        return cls(record, answer.text, False, preds, parsed)
+        ranked = [
+            Prediction(label, tuple(boxes[n]), n, scores[n] if scores else None, float(p))
+            for label, probabilities in (answer.ranked or {}).items()
+            for n, p in enumerate(probabilities)
+        ]
+        return cls(record, answer.text, False, preds, parsed, ranked)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -170,6 +182,7 @@ class DetectionScorer(Scorer):
         self.detections: dict[str, list[ScoredDetection]] = {m: [] for m in CONFIDENCE_MODES}
         self.categories: dict[str, None] = {}
         self.negatives: list[int] = []
+        self.ranked: dict[str, list[ScoredDetection]] = {m: [] for m in RANKED_MODES}
 
     def add(self, item: ReadAnswer) -> bool:
         meta = item.meta
@@ -199,6 +212,16 @@ class DetectionScorer(Scorer):
                 for mode in CONFIDENCE_MODES:
                     score = detection_confidence(mode, p.probability, p.proposal)
                     self.detections[mode].append(ScoredDetection(truth.image_id, label, p.box, score))
+        asked = {_norm_label(c): c for c in classes}
+        for p in item.ranked:
+            label = asked.get(_norm_label(p.label))
+            if label is not None:
+                score = p.probability if p.probability is not None else 1.0
+                self.ranked["ranked"].append(ScoredDetection(truth.image_id, label, p.box, score))
+                proposal = p.proposal if p.proposal is not None else 1.0
+                self.ranked["ranked_product"].append(
+                    ScoredDetection(truth.image_id, label, p.box, score * proposal)
+                )
         self.correct.append(correct)
         return correct
 
@@ -226,6 +249,11 @@ class DetectionScorer(Scorer):
             if mode == self.confidence:
                 out.update({self.name(k): result[k] for k in COCO_KEYS})
             if not coords:
+                out[self.name(f"mAP@{mode}")] = result["mAP"]
+                out[self.name(f"mAP50@{mode}")] = result["mAP50"]
+        for mode, detections in self.ranked.items():
+            if detections:
+                result = coco_map(self.truths, detections, categories)
                 out[self.name(f"mAP@{mode}")] = result["mAP"]
                 out[self.name(f"mAP50@{mode}")] = result["mAP50"]
         out[self.name("fp_rate")] = false_positive_rate(self.negatives)

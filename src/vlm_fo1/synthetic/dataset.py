@@ -70,7 +70,7 @@ DIFFICULTIES = ("easy", "medium", "full")
 
 
 def difficulty_configs(
-    difficulty: str, *, max_proposals: int = 100, recall: float = 0.95
+    difficulty: str, *, max_proposals: int = 100, recall: float = 0.95, nms_iou: float | None = None
 ) -> tuple[SceneConfig, ProposalConfig]:
     """Scene and proposal settings of a curriculum level.
 
@@ -78,7 +78,8 @@ def difficulty_configs(
     many (a curriculum breaks the plateau, see docs/training.md), so stage 2 starts on ``easy``
     scenes: one or two objects whose single tight proposal is joined by at most one background
     box. ``medium`` has up to four objects with some duplicates, parts and distractors; ``full``
-    is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults).
+    is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults). ``nms_iou``
+    passes every level's proposals through the release's NMS (:class:`ProposalConfig`).
 
     Raises:
         ValueError: for an unknown difficulty.
@@ -86,12 +87,13 @@ def difficulty_configs(
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     if difficulty == "full":
-        return SceneConfig(), ProposalConfig(max_proposals=max_proposals, recall=recall)
+        return SceneConfig(), ProposalConfig(max_proposals=max_proposals, recall=recall, nms_iou=nms_iou)
     easy = difficulty == "easy"
     scene = SceneConfig(objects_range=(1, 2) if easy else (1, 4))
     proposals = ProposalConfig(
         max_proposals=max_proposals,
         recall=recall,
+        nms_iou=nms_iou,
         duplicates_range=(0, 0) if easy else (0, 1),
         loose_probability=0.0 if easy else 0.2,
         part_probability=0.0 if easy else 0.15,

@@ -47,7 +47,8 @@ FO1_OVERRIDES = {"region_layer_norm": True, "region_token_norm": "batch", "regio
 
 @dataclass(frozen=True)
 class WorldSpec:
-    """Sizes of the generated splits (scenes); ``val`` uses its own seed (held out)."""
+    """Sizes of the generated splits (scenes); ``val`` uses its own seed (held out);
+    ``nms_iou``: the release's NMS on the simulated proposals (None: every box kept)."""
 
     general: int = 2000
     easy: int = 1500
@@ -58,6 +59,7 @@ class WorldSpec:
     val_general: int = 150
     recalls: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     max_proposals: int = 32
+    nms_iou: float | None = None
     seed: int = 0
     val_seed: int = 1000
 
@@ -127,7 +129,7 @@ def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bo
         if path.is_file() and not overwrite:
             return path
         scene_config, proposal_config = difficulty_configs(
-            difficulty, max_proposals=spec.max_proposals, recall=recall
+            difficulty, max_proposals=spec.max_proposals, recall=recall, nms_iou=spec.nms_iou
         )
         return generate_dataset(
             root,
@@ -153,7 +155,7 @@ def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bo
         path = root / f"recall{round(recall * 100):03d}" / "detection.jsonl"
         if not path.is_file() or overwrite:
             scene_config, proposal_config = difficulty_configs(
-                "full", max_proposals=spec.max_proposals, recall=recall
+                "full", max_proposals=spec.max_proposals, recall=recall, nms_iou=spec.nms_iou
             )
             every = generate_dataset(
                 path.parent, spec.val, spec.val_seed, scene_config=scene_config,
@@ -362,6 +364,7 @@ def evaluate_checkpoint(
     limit: int | None = None,
     batch_size: int = 32,
     constrained: bool = False,
+    ranked: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
@@ -370,7 +373,8 @@ def evaluate_checkpoint(
     from vlm_fo1.evaluation.cli import run_eval
 
     name = (
-        f"eval_{Path(records).parent.name}_{Path(records).stem}{'_constrained' if constrained else ''}.json"
+        f"eval_{Path(records).parent.name}_{Path(records).stem}"
+        f"{'_constrained' if constrained else ''}{'_ranked' if ranked else ''}.json"
     )
     target = Path(out) if out is not None else Path(model_dir) / name
     report = run_eval(
@@ -381,6 +385,7 @@ def evaluate_checkpoint(
         limit=limit,
         device="cpu",
         constrained=constrained,
+        ranked=ranked,
         progress=progress,
     )
     return dict(report.metrics)

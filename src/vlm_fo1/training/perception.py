@@ -17,7 +17,8 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from vlm_fo1.data.records import ConversationRecord
+from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.model.aux_encoder import encode_aux
 from vlm_fo1.processing import FO1Processor
@@ -40,11 +43,13 @@ ATTRIBUTES = ("kind", "colour", "size")
 
 @dataclass(frozen=True)
 class PerceptionResult:
-    """Held-out accuracy of each head (on proposals of scenes not trained on) and the run's length."""
+    """Held-out accuracy of each head (on proposals of scenes not trained on) and the run's length;
+    ``heads`` are the trained linear heads (for :func:`probe_detection`; not saved)."""
 
     accuracy: dict[str, float]
     steps: int
     seconds: float
+    heads: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "steps": self.steps, "seconds": round(self.seconds, 1)}
@@ -249,4 +254,44 @@ def pretrain_region_perception(
     model.requires_grad_(True)
     accuracy = {name: correct[name] / total for name in ATTRIBUTES}
     logger.info("region perception after %d steps: held-out accuracy %s", steps, accuracy)
-    return PerceptionResult(accuracy, steps, time.perf_counter() - start)
+    return PerceptionResult(accuracy, steps, time.perf_counter() - start, heads)
+
+
+def probe_detection(
+    model: FO1ForConditionalGeneration,
+    processor: FO1Processor,
+    heads: nn.Module,
+    records: Iterable[ConversationRecord],
+    image_root: str | Path,
+) -> dict[str, float]:
+    """COCO box metrics (:func:`coco_map`) of the perception probe used as a detector.
+
+    Every region of each single-class detection record whose class is a kind the ``kind`` head
+    knows is scored with the head's probability of that class. No language model is involved:
+    this is what the region tokens' content supports, to set against what the FO1 model reaches
+    when it must also learn to retrieve the regions. Records of other tasks are skipped.
+
+    Raises:
+        ValueError: when no record is a usable detection record.
+    """
+    kinds = heads.classes["kind"]
+    truth, predictions = [], []
+    model.eval()
+    with torch.no_grad():
+        for record in records:
+            classes = record.meta.get("classes") or []
+            if record.meta.get("task") != "detection" or len(classes) != 1 or classes[0] not in kinds:
+                continue
+            label, image_id = classes[0], len(truth)
+            truth.append(DetectionTruth(image_id, {label: record.meta["gt_boxes"][label]}))
+            if not record.boxes:
+                continue
+            image = Image.open(Path(image_root) / record.image).convert("RGB")
+            probability = heads(_region_features(model, processor, [image], [record.boxes])[1])["kind"]
+            scores = probability.softmax(-1)[:, kinds.index(label)].tolist()
+            predictions += [
+                ScoredDetection(image_id, label, box, p) for box, p in zip(record.boxes, scores, strict=True)
+            ]
+    if not truth:
+        raise ValueError(f"expected single-class detection records with classes among {kinds}, got none")
+    return coco_map(truth, predictions, sorted(k for k in kinds if k != BACKGROUND))
