@@ -162,7 +162,12 @@ def test_benchmark_report_formats_every_arm():
     spec = importlib.util.spec_from_file_location("miniature_benchmark", ROOT / "benchmarks" / "miniature.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    val = {"detection/mAP50": 0.5, "referring/acc50": 0.25, "vqa/accuracy": 0.4}
+    val = {
+        "detection/mAP50": 0.5,
+        "referring/acc50": 0.25,
+        "vqa/accuracy": 0.4,
+        "detection/mAP50@ranked": 0.7,
+    }
     arms = [
         {"arm": arm, "seed": seed, "val": val, "val_constrained": val, "val_easy": val, "recall": {"1.0": 0.5}, "general": val}
         for arm in ("hybrid", "vit") for seed in (0, 1)
@@ -170,11 +175,14 @@ def test_benchmark_report_formats_every_arm():
     results = {
         "seeds": [0, 1], "scale": 1.0, "minutes": 3.0, "cores": 2, "val_limit": None, "arms": arms,
         "random_map50": 0.2, "random_map50_easy": 0.6, "base_general": {"vqa/accuracy": 0.41},
+        "proposal_ranking_map50": 0.3, "proposal_ranking_map50_easy": 0.65,
     }  # fmt: skip
     text = bench.report(results)
     assert "| detection/mAP50 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.100 |" in text
     assert "stage-0 base 0.410, hybrid after stages 1-2 0.400 ± 0.000" in text
     assert "| 1.0 | 0.500 ± 0.000 |" in text
+    assert "| detection/mAP50@ranked | 0.700 ± 0.000 | 0.700 ± 0.000 | n/a |" in text
+    assert "(class-blind), val detection mAP@0.5: 0.300" in text
 
 
 def test_shipped_yaml_configs_shuffle_regions_like_the_recipe():
