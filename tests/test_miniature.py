@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlm_fo1.data.records import read_records
 from vlm_fo1.evaluation.coords import COORDS_FORMAT
@@ -84,6 +85,18 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
     assert not (tmp_path / "no-neg" / "stage1").exists() and (no_neg / "config.json").is_file()
     run_config = (no_neg / "run_config.yaml").read_text()
     assert "exclude_negatives: true" in run_config
+    focused = train_fo1(
+        world,
+        base,
+        tmp_path / "focused",
+        replace(TINY_RECIPE, easy_tasks=("detection", "multi_detection")),
+        stage1_from=tmp_path / "hybrid" / "stage1",
+    )
+    easy_config = yaml.safe_load((focused.parent / "stage2_easy" / "run_config.yaml").read_text())
+    assert [(Path(s["path"]).stem, s["tasks"]) for s in easy_config["data"]["train"]] == [
+        ("easy", ["detection", "multi_detection"]),
+        ("general", None),
+    ]
     coords = train_coords(world, base, tmp_path / "coords", TINY_RECIPE)
     summary = json.loads((coords.parent / "stage2_easy" / "train_summary.json").read_text())
     assert summary["steps"] == TINY_RECIPE.stage1_steps + TINY_RECIPE.easy_steps  # same budget as FO1
