@@ -127,6 +127,26 @@ def test_confidence_is_model_probability_times_proposal_score(predictor, wide):
     }
 
 
+def test_rank_scores_every_proposal_from_the_cached_image(predictor, wide):
+    from vlm_fo1.prompting import templates as P
+    from vlm_fo1.ranking import rank_batch
+
+    seen = predictor.set_image(wide, (BOXES, SCORES))
+    ranked = predictor.rank(["cat", "dog"])
+    assert len(ranked) == 2 * len(BOXES)
+    assert [d.score for d in ranked] == sorted((d.score for d in ranked), reverse=True)
+    for d in ranked:
+        assert d.score == pytest.approx(d.model_probability * d.proposal_score)
+        assert list(d.box) == seen.boxes[d.region_index].tolist()
+    # The cached encodings give what a fresh forward over the same prompt gives.
+    batch = predictor.processor(P.detect("cat"), images=wide, boxes=seen.boxes)
+    fresh = rank_batch(predictor.model, predictor.processor, batch, ["cat"])["cat"]
+    cat = {d.region_index: d.model_probability for d in ranked if d.label == "cat"}
+    assert [cat[i] for i in range(len(BOXES))] == pytest.approx(fresh, rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="special tokens"):
+        predictor.rank("<ground>")
+
+
 def test_batch_prediction_equals_single_predictions(predictor):
     images = [make_image(200, 90, seed=1), make_image(70, 120, seed=2), make_image(64, 64, seed=3)]
     proposals = [(BOXES, SCORES), BOXES[:2], ProposalSet(torch.tensor([BOXES[0]]), torch.tensor([0.7]))]

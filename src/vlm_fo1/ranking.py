@@ -24,6 +24,9 @@ from PIL import Image
 
 from vlm_fo1.prompting.tokens import GROUND_CLOSE, GROUND_OPEN, OBJECTS_OPEN
 
+ENCODER_INPUTS = ("pixel_values", "aux_pixel_values", "region_boxes_vit", "region_boxes_aux")
+"""Batch keys that only the encoders read (left out when cached encodings are passed)."""
+
 
 def _label_ids(tokenizer: Any, label: str) -> list[int]:
     """Token ids of ``label``; refuses labels that spell an added (FO1 or chat) token."""
@@ -37,6 +40,55 @@ def _label_ids(tokenizer: Any, label: str) -> list[int]:
     return ids
 
 
+def rank_batch(
+    model: Any, processor: Any, batch: Any, labels: Sequence[str], **encodings: Any
+) -> dict[str, list[float]]:
+    """``{label: [p_rank(N | label) for each region N]}`` for a one-sample generation batch.
+
+    Args:
+        model: an ``FO1ForConditionalGeneration`` in eval mode.
+        processor: its ``FO1Processor``.
+        batch: ``processor(conversation, images=…, boxes=…)`` for one sample (on the model's
+            device), ending with the assistant header.
+        labels: the labels to rank the regions for (one forward pass each).
+        encodings: cached ``image_encoding`` / ``region_tokens`` passed to the model (the
+            ``Predictor``); the batch's encoder inputs are then not used.
+
+    Raises:
+        ValueError: a batch of more than one sample or without regions, a label that is empty or
+            spells a special token.
+    """
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a sequence of strings, got the string {labels!r}")
+    if batch["input_ids"].shape[0] != 1:
+        raise ValueError(f"ranking takes one sample, got a batch of {batch['input_ids'].shape[0]}")
+    count = int(batch["region_counts"][0]) if "region_counts" in batch else 0
+    if count == 0:
+        raise ValueError("ranking needs at least one candidate box, got none")
+    tokenizer = processor.tokenizer
+    label_ids = {label: _label_ids(tokenizer, label) for label in labels}
+    device = batch["input_ids"].device
+    length = batch["input_ids"].shape[1]
+    region_ids = torch.tensor(processor.region_token_ids[:count], device=device)
+    head = tokenizer.encode(GROUND_OPEN, add_special_tokens=False)
+    tail = tokenizer.encode(GROUND_CLOSE + OBJECTS_OPEN, add_special_tokens=False)
+    base = {k: v for k, v in batch.items() if not (encodings and k in ENCODER_INPUTS)}
+    out: dict[str, list[float]] = {}
+    for label, ids in label_ids.items():
+        prefix = torch.tensor([head + ids + tail], device=device)  # (1, P)
+        inputs = dict(base)
+        for key, value in base.items():  # every per-token tensor grows by the prefix
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape == (1, length):
+                fill = {"input_ids": prefix, "attention_mask": torch.ones_like(prefix)}.get(
+                    key, torch.zeros_like(prefix)
+                )
+                inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+        with torch.no_grad():
+            logits = model(**inputs, **encodings).logits[0, -1].float()  # (V,)
+        out[label] = logits.softmax(-1)[region_ids].tolist()
+    return out
+
+
 def rank_regions(
     model: Any,
     processor: Any,
@@ -45,48 +97,13 @@ def rank_regions(
     boxes: Sequence[Sequence[float]],
     labels: Sequence[str],
 ) -> dict[str, list[float]]:
-    """``{label: [p_rank(N | label) for N in range(len(boxes))]}`` for one image and prompt.
-
-    Args:
-        model: an ``FO1ForConditionalGeneration`` in eval mode.
-        processor: its ``FO1Processor``.
-        conversation: the user turn(s) the answer follows (as for generation).
-        image / boxes: the image (path or PIL) and its candidate boxes (original pixels, xyxy).
-        labels: the labels to rank the regions for (one forward pass each).
+    """:func:`rank_batch` for one image, its candidate boxes (original pixels, xyxy) and the user
+    turn(s) the answer follows.
 
     Raises:
-        ValueError: no boxes, a label that is empty or spells a special token.
+        ValueError: no boxes, or a bad label (see :func:`rank_batch`).
     """
     if not boxes:
         raise ValueError("ranking needs at least one candidate box, got none")
-    if isinstance(labels, str):
-        raise ValueError(f"labels must be a sequence of strings, got the string {labels!r}")
-    tokenizer = processor.tokenizer
-    label_ids = {label: _label_ids(tokenizer, label) for label in labels}
     batch = processor([conversation], images=[image], boxes=[list(boxes)])
-    count = int(batch["region_counts"][0])
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    length = batch["input_ids"].shape[1]
-    region_ids = torch.tensor(processor.region_token_ids[:count], device=device)
-    out: dict[str, list[float]] = {}
-    for label, ids in label_ids.items():
-        prefix = torch.tensor(
-            [
-                tokenizer.encode(GROUND_OPEN, add_special_tokens=False)
-                + ids
-                + tokenizer.encode(GROUND_CLOSE + OBJECTS_OPEN, add_special_tokens=False)
-            ],
-            device=device,
-        )  # (1, P)
-        inputs = dict(batch)
-        for key, value in batch.items():  # every per-token tensor grows by the prefix
-            if torch.is_tensor(value) and value.dim() == 2 and value.shape == (1, length):
-                fill = {"input_ids": prefix, "attention_mask": torch.ones_like(prefix)}.get(
-                    key, torch.zeros_like(prefix)
-                )
-                inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
-        with torch.no_grad():
-            logits = model(**inputs).logits[0, -1].float()  # (V,)
-        out[label] = logits.softmax(-1)[region_ids].tolist()
-    return out
+    return rank_batch(model, processor, batch.to(next(model.parameters()).device), labels)

@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from vlm_fo1.decoding import GrammarVocabulary, GroundingConstraint
-from vlm_fo1.evaluation.confidence import check_mode, region_token_probabilities
+from vlm_fo1.evaluation.confidence import check_mode, detection_confidence, region_token_probabilities
 from vlm_fo1.images import load_image
 from vlm_fo1.inference.inputs import (
     as_proposals,
@@ -45,6 +45,7 @@ from vlm_fo1.inference.results import (
     CountResult,
     DetectionResult,
     Prediction,
+    RegionDetection,
     RegionMention,
     scored_detections,
 )
@@ -52,11 +53,11 @@ from vlm_fo1.processing import FO1Batch, FO1Processor, PreparedImage
 from vlm_fo1.prompting import Prompt, RegionRef, Task, parse
 from vlm_fo1.prompting import templates as P
 from vlm_fo1.proposals.base import ProposalSet
+from vlm_fo1.ranking import ENCODER_INPUTS, rank_batch
 
 logger = logging.getLogger(__name__)
 
 # Batch entries the cached encodings replace (the rest still gives positions and placement).
-_ENCODER_INPUTS = ("pixel_values", "aux_pixel_values", "region_boxes_vit", "region_boxes_aux")
 _FREE_MENTION_TASKS = frozenset({Task.FREE, Task.REGION_REASONING, Task.GROUNDED_CAPTION})
 _DETECTION_TASKS = frozenset({Task.DETECTION, Task.REFERRING, Task.VISUAL_PROMPT_DETECTION})
 _SAME_BOX_TOLERANCE = 0.5  # pixels: a given box this close to a proposal is that proposal
@@ -271,7 +272,7 @@ class Predictor:
                 max_new_tokens=self.max_new_tokens,
             )
             processors = LogitsProcessorList([constraint])
-        inputs = {k: v for k, v in batch.items() if not (encodings and k in _ENCODER_INPUTS)}
+        inputs = {k: v for k, v in batch.items() if not (encodings and k in ENCODER_INPUTS)}
         with torch.no_grad():
             out = self.model.generate(
                 **inputs,
@@ -329,6 +330,44 @@ class Predictor:
             logger.warning("detect() on an image without proposals: nothing can be found")
         names = split_labels(labels)
         return self._answer(P.detect(names), names)  # type: ignore[return-value]
+
+    def rank(self, labels: str | Sequence[str]) -> tuple[RegionDetection, ...]:
+        """Every proposal scored for each label, best first (``vlm_fo1.ranking``).
+
+        One forward pass per label over its detection prompt and ``<ground>label</ground><objects>``
+        gives the probability that the model names each region first (``model_probability``);
+        ``score`` combines it with the proposal score by the predictor's ``confidence`` mode. No
+        text is generated: a complete ranking for precision/recall trade-offs or mAP, where
+        :meth:`detect` returns only the regions the model writes out.
+        """
+        state = self.image_state
+        if len(state.proposals) == 0:
+            logger.warning("rank() on an image without proposals: nothing to rank")
+            return ()
+        found = []
+        scores = state.proposals.scores.tolist()
+        for name in split_labels(labels):
+            batch = self.processor(P.detect(name), images=state.prepared, boxes=state.proposals.boxes)
+            ranked = rank_batch(
+                self.model,
+                self.processor,
+                batch.to(self.device),
+                [name],
+                image_encoding=state.image_encoding,
+                region_tokens=state.region_tokens,
+            )[name]
+            for index, probability in enumerate(ranked):
+                found.append(
+                    RegionDetection(
+                        label=name,
+                        box=tuple(state.proposals.boxes[index].tolist()),
+                        score=detection_confidence(self.confidence, probability, scores[index]),
+                        region_index=index,
+                        model_probability=probability,
+                        proposal_score=scores[index],
+                    )
+                )
+        return tuple(sorted(found, key=lambda d: -d.score))
 
     def ground(self, expression: str) -> DetectionResult:
         """The regions a referring expression (``"the red cup on the left"``) points at."""
