@@ -25,7 +25,8 @@ from PIL import Image
 from vlm_fo1.prompting.tokens import GROUND_CLOSE, GROUND_OPEN, OBJECTS_OPEN
 
 ENCODER_INPUTS = ("pixel_values", "aux_pixel_values", "region_boxes_vit", "region_boxes_aux")
-"""Batch keys that only the encoders read (left out when cached encodings are passed)."""
+"""Batch keys that only the encoders read: cached encodings replace them (the rest still gives
+positions and the placement of image and region tokens)."""
 
 
 def _label_ids(tokenizer: Any, label: str) -> list[int]:

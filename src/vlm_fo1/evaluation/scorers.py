@@ -40,8 +40,9 @@ from vlm_fo1.prompting.parse import ParsedOutput, parse
 
 logger = logging.getLogger(__name__)
 
-RANKED_MODES = ("ranked", "ranked_product")
-"""Scores of ranked detections (``vlm_fo1.ranking``): ``p_rank``, and ``p_rank`` x proposal score."""
+RANKED_MODES = {"ranked": "model", "ranked_product": "product"}
+"""Scores of ranked detections (``vlm_fo1.ranking``) and the confidence mode that makes them:
+``p_rank``, and ``p_rank`` x proposal score."""
 
 
 @dataclass(frozen=True)
@@ -215,13 +216,11 @@ class DetectionScorer(Scorer):
         asked = {_norm_label(c): c for c in classes}
         for p in item.ranked:
             label = asked.get(_norm_label(p.label))
-            if label is not None:
-                score = p.probability if p.probability is not None else 1.0
-                self.ranked["ranked"].append(ScoredDetection(truth.image_id, label, p.box, score))
-                proposal = p.proposal if p.proposal is not None else 1.0
-                self.ranked["ranked_product"].append(
-                    ScoredDetection(truth.image_id, label, p.box, score * proposal)
-                )
+            if label is None:
+                continue
+            for name, mode in RANKED_MODES.items():
+                score = detection_confidence(mode, p.probability, p.proposal)
+                self.ranked[name].append(ScoredDetection(truth.image_id, label, p.box, score))
         self.correct.append(correct)
         return correct
 

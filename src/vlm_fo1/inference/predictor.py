@@ -57,7 +57,6 @@ from vlm_fo1.ranking import ENCODER_INPUTS, rank_batch
 
 logger = logging.getLogger(__name__)
 
-# Batch entries the cached encodings replace (the rest still gives positions and placement).
 _FREE_MENTION_TASKS = frozenset({Task.FREE, Task.REGION_REASONING, Task.GROUNDED_CAPTION})
 _DETECTION_TASKS = frozenset({Task.DETECTION, Task.REFERRING, Task.VISUAL_PROMPT_DETECTION})
 _SAME_BOX_TOLERANCE = 0.5  # pixels: a given box this close to a proposal is that proposal
