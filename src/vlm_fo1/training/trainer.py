@@ -234,7 +234,7 @@ def build_dataset(spec: DataSpec, num_samples: int, seed: int) -> RecordDataset:
         share = float(spec.shuffle_regions)
         items = [
             (permute_regions(r, rng.sample(range(len(r.boxes)), len(r.boxes))), root)
-            if rng.random() < share
+            if share >= 1.0 or rng.random() < share  # no draw at 1: the same stream as always shuffling
             else (r, root)
             for r, root in items
         ]
