@@ -95,7 +95,6 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
     easy_config = yaml.safe_load((focused.parent / "stage2_easy" / "run_config.yaml").read_text())
     assert [(Path(s["path"]).stem, s["tasks"]) for s in easy_config["data"]["train"]] == [
         ("easy", ["detection", "multi_detection"]),
-        ("general", None),
     ]
     coords = train_coords(world, base, tmp_path / "coords", TINY_RECIPE)
     summary = json.loads((coords.parent / "stage2_easy" / "train_summary.json").read_text())

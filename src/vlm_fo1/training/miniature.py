@@ -96,10 +96,11 @@ class Recipe:
     shuffle_regions: float = 1.0
     pack_turns: int = 1
     easy_tasks: tuple[str, ...] | None = None
-    """Tasks of the easy split kept in the first stage-2 phase (None: all). :data:`DETECTION_TASKS`
-    alone lifted full-world REC from about 0.21 to 0.26-0.28 on two seeds (more without the
-    general data in that phase); not the default, because the benchmark has not been rerun with
-    it (docs/training.md)."""
+    """None: the first stage-2 phase trains on ``EASY_MIX`` (every task of the easy scenes and
+    the general data); a tuple: on those tasks of the easy scenes alone (the general data comes
+    back in the second phase). :data:`DETECTION_TASKS` is the one change that moved full-world
+    retrieval in docs/training.md; not the default, because the benchmark has not been rerun
+    with it."""
     preset: str = "mini"
     overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
 
@@ -185,19 +186,9 @@ Source = tuple[Path, float, tuple[str, ...] | None]
 """A phase's data source: records file, weight, the tasks kept (None: all)."""
 
 
-def _mix(
-    world: World,
-    mix: tuple[tuple[str, float], ...],
-    *,
-    coords: bool = False,
-    tasks: dict[str, tuple[str, ...]] | None = None,
-) -> list[Source]:
-    """Sources of a phase; ``coords``: the coordinate-format region splits; ``tasks``: the tasks
-    kept per split name (others keep all)."""
-    return [
-        (world.coords[s] if coords and s in world.coords else getattr(world, s), w, (tasks or {}).get(s))
-        for s, w in mix
-    ]
+def _mix(world: World, mix: tuple[tuple[str, float], ...], *, coords: bool = False) -> list[Source]:
+    """Sources of a phase (every task); ``coords``: the coordinate-format region splits."""
+    return [(world.coords[s] if coords and s in world.coords else getattr(world, s), w, None) for s, w in mix]
 
 
 def _stage(
@@ -321,7 +312,7 @@ def train_fo1(
         2,
         out / "stage2_easy",
         stage1,
-        _mix(world, EASY_MIX, tasks=None if recipe.easy_tasks is None else {"easy": recipe.easy_tasks}),
+        _mix(world, EASY_MIX) if recipe.easy_tasks is None else [(world.easy, 1.0, recipe.easy_tasks)],
         recipe.easy_steps,
         recipe,
         seed,
