@@ -116,6 +116,27 @@ def test_labels_restrict_the_grounded_text(processor, fake):
     bias.zero_()
 
 
+def test_row_labels_restrict_each_sample_to_its_own(processor, fake):
+    model, bias = fake
+    bias.zero_()
+    bias[_ids(processor, T.GROUND_OPEN, T.GROUND_CLOSE)] = 8.0
+    bias[processor.region_token_ids] = 6.0
+    batch = _batch(processor, counts=(12, 3), prompt=P.detect(["cat", "dog"]))
+    allowed = [{"cat"}, {"red circle", "dog"}]
+    for seed in range(3):
+        texts = _generate(model, processor, batch, 24, seed=seed, row_labels=[["cat"], ["red circle", "dog"]])
+        for text, labels in zip(texts, allowed, strict=True):
+            named = {g.label for g in parse(text).groups}
+            assert named and named <= labels, (text, labels)
+    free = _generate(model, processor, batch, 24, seed=0, row_labels=[["cat"], None])
+    assert {g.label for g in parse(free[0]).groups} <= {"cat"}
+    bias.zero_()
+    with pytest.raises(ValueError, match="not both"):
+        GroundingConstraint.from_processor(processor, [3, 3], labels=["cat"], row_labels=[["cat"], None])
+    with pytest.raises(ValueError, match="one entry per sample"):
+        GroundingConstraint.from_processor(processor, [3, 3], row_labels=[["cat"]])
+
+
 def test_free_region_mentions_only_when_allowed(processor, fake):
     model, bias = fake
     bias.zero_()

@@ -537,9 +537,16 @@ def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(wor
         labels = re.findall(r"<ground>(.*?)</ground>", prediction["text"])
         assert set(labels) <= set(query_labels(record)), (labels, query_labels(record))
         assert all(int(i) < len(record.boxes) for i in _regions(prediction["text"]))
+    # Records asking about different things share a batch; each row keeps its own labels.
     mixed = [r for r in chosen if r.meta["task"] == "referring"][:2]
-    with pytest.raises(ValueError, match="one label set"):
-        generate_answers(model, processor, mixed, root, max_new_tokens=4, constrained=True)
+    assert len({query_labels(r) for r in mixed}) == 2
+    together = generate_answers(model, processor, mixed, root, max_new_tokens=24, constrained=True)
+    alone = [
+        generate_answers(model, processor, [r], root, max_new_tokens=24, constrained=True)[0] for r in mixed
+    ]
+    for record, answer, single in zip(mixed, together, alone, strict=True):
+        labels = re.findall(r"<ground>(.*?)</ground>", answer.text)
+        assert set(labels) <= set(query_labels(record)) and answer.text == single.text
 
 
 # -- ranked retrieval -------------------------------------------------------------------------------------

@@ -124,6 +124,8 @@ class GroundingConstraint(LogitsProcessor):
         unique_regions: forbid naming the same region twice in one ``<objects>`` group.
         labels: token-id spellings of the allowed labels (``from_processor`` takes strings);
             None: any label text.
+        row_labels: per sample, its own allowed spellings (None for a sample: any label text);
+            instead of ``labels``, for a batch whose samples ask about different things.
 
     Each step reads every row's state again from its generated tokens (only the prompt length is
     kept), so beam search (rows = samples × beams) works; a call with a sequence no longer than
@@ -139,6 +141,7 @@ class GroundingConstraint(LogitsProcessor):
         max_new_tokens: int | None = None,
         unique_regions: bool = True,
         labels: Sequence[Sequence[int]] | None = None,
+        row_labels: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> None:
         counts = region_counts.tolist() if isinstance(region_counts, torch.Tensor) else list(region_counts)
         limit = len(vocabulary.region_ids)
@@ -152,12 +155,17 @@ class GroundingConstraint(LogitsProcessor):
         self.free_region_mentions = free_region_mentions
         self.max_new_tokens = max_new_tokens
         self.unique_regions = unique_regions
-        self.labels = (
-            None if labels is None else tuple(dict.fromkeys(tuple(int(t) for t in x) for x in labels))
-        )
-        if self.labels is not None and (not self.labels or not all(self.labels)):
-            raise ValueError(f"labels must be non-empty token sequences, got {labels!r}")
-        self._label_set = frozenset(self.labels or ())
+        if labels is not None and row_labels is not None:
+            raise ValueError(
+                "give labels (one set for every sample) or row_labels (one per sample), not both"
+            )
+        if row_labels is not None and len(row_labels) != len(counts):
+            raise ValueError(
+                f"row_labels must have one entry per sample ({len(counts)}), got {len(row_labels)}"
+            )
+        per_sample = [labels] * len(counts) if row_labels is None else list(row_labels)
+        self._sample_labels = [_spellings(x) for x in per_sample]
+        self.labels = _spellings(labels)  # the shared set (None with row_labels)
         self._region_index = {token: i for i, token in enumerate(vocabulary.region_ids)}
         self._masks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._start = 0  # prompt length of the current generation
@@ -170,13 +178,21 @@ class GroundingConstraint(LogitsProcessor):
         region_counts: Sequence[int] | torch.Tensor,
         *,
         labels: Sequence[str] | None = None,
+        row_labels: Sequence[Sequence[str] | None] | None = None,
         vocabulary: GrammarVocabulary | None = None,
         **kwargs: Any,
     ) -> GroundingConstraint:
-        """Build from an ``FO1Processor``, the batch's ``region_counts`` and optional label strings."""
+        """Build from an ``FO1Processor``, the batch's ``region_counts`` and optional label strings
+        (``labels`` for every sample, or ``row_labels`` per sample)."""
         vocabulary = vocabulary if vocabulary is not None else GrammarVocabulary.from_processor(processor)
-        spellings = None if labels is None else label_spellings(processor.tokenizer, labels)
-        return cls(vocabulary, region_counts, labels=spellings, **kwargs)
+        tokenizer = processor.tokenizer
+        spellings = None if labels is None else label_spellings(tokenizer, labels)
+        per_row = (
+            None
+            if row_labels is None
+            else [None if x is None else label_spellings(tokenizer, x) for x in row_labels]
+        )
+        return cls(vocabulary, region_counts, labels=spellings, row_labels=per_row, **kwargs)
 
     # -- masks -------------------------------------------------------------------------------------------
     def _base_masks(
@@ -204,14 +220,24 @@ class GroundingConstraint(LogitsProcessor):
         ids = self.vocabulary.region_ids[:count]
         return [token for i, token in enumerate(ids) if i not in exclude]
 
-    def _needed_after_open(self) -> int:
+    @staticmethod
+    def _needed_after_open(labels: tuple[tuple[int, ...], ...] | None) -> int:
         """Tokens needed after ``<ground>`` to close the segment: a label, then three tags."""
-        shortest = 1 if self.labels is None else min(len(x) for x in self.labels)
+        shortest = 1 if labels is None else min(len(x) for x in labels)
         return shortest + _TO_CLOSE_LABEL
 
-    def _allowed(self, count: int, state: _Row, room: int | None, width: int, device: torch.device) -> Any:
+    def _allowed(
+        self,
+        count: int,
+        state: _Row,
+        room: int | None,
+        width: int,
+        device: torch.device,
+        labels: tuple[tuple[int, ...], ...] | None = None,
+    ) -> Any:
         """Bool mask ``(V,)`` of the tokens allowed next for a row in ``state`` with ``count`` boxes
-        (None: no constraint).
+        and allowed label spellings ``labels`` (None: no constraint on labels; the returned None:
+        no constraint at all).
 
         ``room``: generation steps left after this one (None: no budget).
         """
@@ -223,13 +249,13 @@ class GroundingConstraint(LogitsProcessor):
             allowed = outside.clone()
             if self.free_region_mentions or tags is None:
                 allowed[self._regions(count, set())] = True
-            if tags is not None and room is not None and room < self._needed_after_open():
+            if tags is not None and room is not None and room < self._needed_after_open(labels):
                 allowed[tags[0]] = False
             return allowed
         allowed = torch.zeros(width, dtype=torch.bool, device=device)
-        if state.state == IN_GROUND and self.labels is not None:
-            allowed[self._label_continuations(state.label, room)] = True
-            if tuple(state.label) in self._label_set:
+        if state.state == IN_GROUND and labels is not None:
+            allowed[_label_continuations(labels, state.label, room)] = True
+            if tuple(state.label) in labels:
                 allowed[tags[1]] = True
         elif state.state == IN_GROUND:
             if state.label_started:
@@ -247,16 +273,6 @@ class GroundingConstraint(LogitsProcessor):
                 allowed[self._regions(count, state.used if self.unique_regions else set())] = True
             allowed[tags[3]] = True
         return allowed
-
-    def _label_continuations(self, prefix: list[int], room: int | None) -> list[int]:
-        """Next tokens of the allowed labels that start with ``prefix`` and still fit the budget."""
-        k = len(prefix)
-        result = set()
-        for spelling in self.labels or ():
-            fits = room is None or len(spelling) - k - 1 + _TO_CLOSE_LABEL <= room
-            if fits and len(spelling) > k and list(spelling[:k]) == prefix:
-                result.add(spelling[k])
-        return sorted(result)
 
     # -- state -------------------------------------------------------------------------------------------
     def _advance(self, row: _Row, token: int) -> None:
@@ -285,14 +301,14 @@ class GroundingConstraint(LogitsProcessor):
             elif token in self._region_index:
                 row.used.add(self._region_index[token])
 
-    def _row_counts(self, rows: int) -> list[int]:
-        """Region count of each row; beam search repeats each sample's row ``rows / B`` times."""
+    def _row_samples(self, rows: int) -> list[int]:
+        """Sample index of each row; beam search repeats each sample's row ``rows / B`` times."""
         samples = len(self.region_counts)
         if rows % samples:
             raise ValueError(
                 f"expected {samples} sequences (one per region count) or a multiple of that for beams, got {rows}"
             )
-        return [count for count in self.region_counts for _ in range(rows // samples)]
+        return [sample for sample in range(samples) for _ in range(rows // samples)]
 
     def _states(self, input_ids: torch.Tensor) -> list[_Row]:
         """Grammar state of every row, read again from its generated tokens.
@@ -314,14 +330,17 @@ class GroundingConstraint(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``scores`` ``(B, V)`` with forbidden tokens set to ``-inf`` (a new tensor)."""
-        counts = self._row_counts(int(input_ids.shape[0]))
+        samples = self._row_samples(int(input_ids.shape[0]))
         states = self._states(input_ids)
         generated = int(input_ids.shape[1]) - self._start
         room = None if self.max_new_tokens is None else max(0, self.max_new_tokens - generated - 1)
         width = int(scores.shape[-1])
         out = scores.clone()
         for b, row in enumerate(states):
-            allowed = self._allowed(counts[b], row, room, width, scores.device)
+            sample = samples[b]
+            allowed = self._allowed(
+                self.region_counts[sample], row, room, width, scores.device, self._sample_labels[sample]
+            )
             if allowed is not None:
                 out[b] = out[b].masked_fill(~allowed, float("-inf"))
         return out
@@ -336,6 +355,29 @@ def constrained_processors(
     ``max_new_tokens``, a prebuilt ``vocabulary`` …).
     """
     return LogitsProcessorList([GroundingConstraint.from_processor(processor, region_counts, **kwargs)])
+
+
+def _spellings(labels: Sequence[Sequence[int]] | None) -> tuple[tuple[int, ...], ...] | None:
+    """Distinct label spellings as tuples (None stays None); each must be a non-empty sequence."""
+    if labels is None:
+        return None
+    spellings = tuple(dict.fromkeys(tuple(int(t) for t in x) for x in labels))
+    if not spellings or not all(spellings):
+        raise ValueError(f"labels must be non-empty token sequences, got {labels!r}")
+    return spellings
+
+
+def _label_continuations(
+    labels: tuple[tuple[int, ...], ...], prefix: list[int], room: int | None
+) -> list[int]:
+    """Next tokens of the allowed ``labels`` that start with ``prefix`` and still fit the budget."""
+    k = len(prefix)
+    result = set()
+    for spelling in labels:
+        fits = room is None or len(spelling) - k - 1 + _TO_CLOSE_LABEL <= room
+        if fits and len(spelling) > k and list(spelling[:k]) == prefix:
+            result.add(spelling[k])
+    return sorted(result)
 
 
 def label_spellings(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:

@@ -66,17 +66,11 @@ def query_labels(record: ConversationRecord) -> tuple[str, ...] | None:
     return None
 
 
-def _plan_batches(
-    records: Sequence[ConversationRecord], batch_size: int, constrained: bool = False
-) -> list[list[int]]:
-    """Indexes of ``records`` in batches of at most ``batch_size``, one (format, task) per batch
-    (and, when ``constrained``, one set of allowed labels)."""
+def _plan_batches(records: Sequence[ConversationRecord], batch_size: int) -> list[list[int]]:
+    """Indexes of ``records`` in batches of at most ``batch_size``, one (format, task) per batch."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, record in enumerate(records):
-        key: tuple[Any, ...] = (is_coordinate_record(record), str(task_of(record)))
-        if constrained and not is_coordinate_record(record):
-            key += (query_labels(record),)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault((is_coordinate_record(record), str(task_of(record))), []).append(i)
     return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
 
@@ -91,8 +85,8 @@ def generate_answers(
     """One batch: encode, generate greedily with logits, decode; raises on any failure.
 
     ``constrained``: decode region-format records under :class:`GroundingConstraint` (only this
-    image's regions, well-formed segments, labels from :func:`query_labels`; the records of one
-    batch must share those labels), as the ``Predictor`` does.
+    image's regions, well-formed segments, each record's labels from :func:`query_labels`), as
+    the ``Predictor`` does.
     """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
@@ -102,12 +96,9 @@ def generate_answers(
     batch = batch.to(device)
     processors = None
     if constrained and not any(is_coordinate_record(r) for r in records):
-        labels = {query_labels(r) for r in records}
-        if len(labels) != 1:
-            raise ValueError(f"a constrained batch needs one label set, got {sorted(map(str, labels))}")
         counts = batch["region_counts"].tolist() if "region_counts" in batch else [0] * len(records)
         constraint = GroundingConstraint.from_processor(
-            processor, counts, labels=labels.pop(), max_new_tokens=max_new_tokens
+            processor, counts, row_labels=[query_labels(r) for r in records], max_new_tokens=max_new_tokens
         )
         processors = LogitsProcessorList([constraint])
     with torch.no_grad():
@@ -246,7 +237,7 @@ def evaluate(
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        plan = _plan_batches(records, batch_size, constrained)
+        plan = _plan_batches(records, batch_size)
         for indexes in tqdm(plan, desc="evaluate", disable=not progress):
             _run_batch(
                 model, processor, records, indexes, image_root, max_new_tokens, answers, errors, constrained
