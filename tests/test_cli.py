@@ -68,6 +68,19 @@ def test_detect_json_schema_and_save(workspace):
         assert annotated.format == "PNG" and annotated.size == (160, 90)
 
 
+def test_detect_ranked_lists_the_best_proposals(workspace):
+    image = workspace / "images" / "a.png"
+    done = run_cli("detect", image, "--labels", "cat, dog", *model_args(workspace), "--json", "--ranked", "4")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["task"] == "detection" and result["text"] == "" and len(result["detections"]) == 4
+    scores = [d["score"] for d in result["detections"]]
+    assert scores == sorted(scores, reverse=True)
+    assert {(d["label"], d["region_index"]) for d in result["detections"]} <= {
+        (label, i) for label in ("cat", "dog") for i in range(3)
+    }
+
+
 def test_count_prints_a_human_summary(workspace):
     done = run_cli("count", workspace / "images" / "a.png", "cat", *model_args(workspace))
     assert done.returncode == 0, done.stderr

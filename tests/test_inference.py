@@ -132,8 +132,11 @@ def test_rank_scores_every_proposal_from_the_cached_image(predictor, wide):
     from vlm_fo1.ranking import rank_batch
 
     seen = predictor.set_image(wide, (BOXES, SCORES))
-    ranked = predictor.rank(["cat", "dog"])
+    result = predictor.rank(["cat", "dog"])
+    ranked = result.detections
+    assert result.task == "detection" and result.text == "" and result.num_proposals == len(BOXES)
     assert len(ranked) == 2 * len(BOXES)
+    assert predictor.rank(["cat", "dog"], top=3).detections == ranked[:3]
     assert [d.score for d in ranked] == sorted((d.score for d in ranked), reverse=True)
     for d in ranked:
         assert d.score == pytest.approx(d.model_probability * d.proposal_score)
@@ -145,6 +148,8 @@ def test_rank_scores_every_proposal_from_the_cached_image(predictor, wide):
     assert [cat[i] for i in range(len(BOXES))] == pytest.approx(fresh, rel=1e-4, abs=1e-7)
     with pytest.raises(ValueError, match="special tokens"):
         predictor.rank("<ground>")
+    with pytest.raises(ValueError, match="top must be"):
+        predictor.rank("cat", top=0)
 
 
 def test_batch_prediction_equals_single_predictions(predictor):

@@ -137,6 +137,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         getattr(args, query),
         detailed=getattr(args, "detailed", False),
         save=args.save,
+        ranked=getattr(args, "ranked", None),
     )
     if args.json:
         print(json.dumps({"image": args.image, **result.to_dict()}, ensure_ascii=False))
@@ -201,6 +202,13 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     detect = sub.add_parser("detect", parents=parents, help="detect the given classes in an image")
     detect.add_argument("image")
     detect.add_argument("--labels", required=True, help='class names, comma-separated ("cat, dog")')
+    detect.add_argument(
+        "--ranked",
+        type=int,
+        metavar="K",
+        default=None,
+        help="list the K best proposals by the model's ranking (one forward pass per label) instead of generating",
+    )
     ground = sub.add_parser("ground", parents=parents, help="find what a referring expression points at")
     ground.add_argument("image")
     ground.add_argument("query", metavar="EXPRESSION")

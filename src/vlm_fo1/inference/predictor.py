@@ -330,22 +330,29 @@ class Predictor:
         names = split_labels(labels)
         return self._answer(P.detect(names), names)  # type: ignore[return-value]
 
-    def rank(self, labels: str | Sequence[str]) -> tuple[RegionDetection, ...]:
-        """Every proposal scored for each label, best first (``vlm_fo1.ranking``).
+    def rank(self, labels: str | Sequence[str], top: int | None = None) -> DetectionResult:
+        """Every proposal scored for each label, best first (``vlm_fo1.ranking``); ``top`` keeps
+        the ``top`` best (None: all).
 
         One forward pass per label over its detection prompt and ``<ground>label</ground><objects>``
         gives the probability that the model names each region first (``model_probability``);
         ``score`` combines it with the proposal score by the predictor's ``confidence`` mode. No
-        text is generated: a complete ranking for precision/recall trade-offs or mAP, where
-        :meth:`detect` returns only the regions the model writes out.
+        text is generated (``text`` and ``answer`` are empty): a complete ranking for
+        precision/recall trade-offs or mAP, where :meth:`detect` returns only the regions the model
+        writes out.
+
+        Raises:
+            ValueError: ``top`` < 1, or a label that is empty or spells a special token.
         """
+        if top is not None and top < 1:
+            raise ValueError(f"top must be >= 1 or None, got {top}")
         state = self.image_state
-        if len(state.proposals) == 0:
-            logger.warning("rank() on an image without proposals: nothing to rank")
-            return ()
+        names = split_labels(labels)
         found = []
         scores = state.proposals.scores.tolist()
-        for name in split_labels(labels):
+        if len(state.proposals) == 0:
+            logger.warning("rank() on an image without proposals: nothing to rank")
+        for name in names if len(state.proposals) else ():
             batch = self.processor(P.detect(name), images=state.prepared, boxes=state.proposals.boxes)
             ranked = rank_batch(
                 self.model,
@@ -366,7 +373,16 @@ class Predictor:
                         proposal_score=scores[index],
                     )
                 )
-        return tuple(sorted(found, key=lambda d: -d.score))
+        found.sort(key=lambda d: -d.score)
+        return DetectionResult(
+            task=str(Task.DETECTION),
+            text="",
+            answer="",
+            detections=tuple(found[:top]),
+            image_size=tuple(state.prepared.original_size),
+            num_proposals=len(state.proposals),
+            issues=(),
+        )
 
     def ground(self, expression: str) -> DetectionResult:
         """The regions a referring expression (``"the red cup on the left"``) points at."""

@@ -8,7 +8,7 @@ JSON schema (``to_dict()`` / ``to_json()``; also what ``vlm-fo1 <task> --json`` 
               | "region_reasoning" | "free",
       "image_size": [width, height],          # original image pixels
       "num_proposals": 12,                    # candidate boxes the model saw
-      "text": "<ground>cat</ground><objects><region2></objects>",   # raw generated text
+      "text": "<ground>cat</ground><objects><region2></objects>",   # raw generated text ("" for rank)
       "answer": "cat",                        # readable answer (tags removed)
       "detections": [                         # grounded regions, in answer order
         {"label": "cat", "box": [x1, y1, x2, y2],   # xyxy, original image pixels
@@ -23,6 +23,10 @@ JSON schema (``to_dict()`` / ``to_json()``; also what ``vlm-fo1 <task> --json`` 
       "reasoning": "…" | null,                # reasoning / free answers only: the <think> text
       "mentioned_regions": [{"region_index": 4, "box": [x1, y1, x2, y2]}]  # idem: regions named
     }
+
+``Predictor.rank`` (``vlm-fo1 detect --ranked K``) returns the same form with every proposal (or
+the K best) as detections, best first, ``model_probability`` being the probability of naming the
+region first (``vlm_fo1.ranking``), and empty ``text`` and ``answer``.
 
 ``score`` follows the predictor's ``confidence`` mode: ``"product"`` (default) =
 ``model_probability × proposal_score``, ``"model"`` = ``model_probability``, ``"proposal"`` =
