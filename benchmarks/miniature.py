@@ -128,62 +128,48 @@ def _metric(result: dict[str, Any], name: str, split: str = "val") -> float:
     return metrics.get(f"coords/{name}", metrics.get(name, math.nan))
 
 
+def _table(arms: list[dict[str, Any]], present: list[str], metrics: tuple[str, ...], split: str) -> list[str]:
+    """Markdown rows: one metric per row, mean ± sd over seeds per arm (columns ``present``)."""
+    lines = ["| metric | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for metric in metrics:
+        cells = [_mean_sd([_metric(r, metric, split) for r in arms if r["arm"] == a]) for a in present]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(results: dict[str, Any]) -> str:
     """The Markdown tables of a results dict (``results.json``)."""
     arms = results["arms"]
+    present = [a for a in ARMS if any(r["arm"] == a for r in arms)]
     lines = [
         f"seeds {results['seeds']}, scale {results['scale']}, {results['minutes']:.1f} min on "
         f"{results['cores']} cores, validation records: {results['val_limit'] or 'all'}",
         "",
-        "| metric | " + " | ".join(a for a in ARMS if any(r["arm"] == a for r in arms)) + " |",
-        "|---|" + "---|" * len({r["arm"] for r in arms}),
-    ]
-    present = [a for a in ARMS if any(r["arm"] == a for r in arms)]
-    for metric in KEY_METRICS:
-        cells = [_mean_sd([_metric(r, metric) for r in arms if r["arm"] == a]) for a in present]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines += [
+        *_table(arms, present, KEY_METRICS, "val"),
         "",
         f"random choice among proposals (oracle count), val detection mAP@0.5: {results['random_map50']:.3f}",
-    ]
-    lines += [
         "",
         "the same, decoded as the Predictor decodes (labels from the prompt, existing regions only):",
         "",
     ]
-    lines += ["| metric | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
-    for metric in (
+    constrained = (
         "detection/mAP50",
         "detection/mAP",
         "detection/fp_rate",
         "counting/accuracy",
         "referring/acc50",
-        *RANKED_METRICS,
-    ):
-        cells = [
-            _mean_sd([_metric(r, metric, "val_constrained") for r in arms if r["arm"] == a]) for a in present
-        ]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    )
+    lines += _table(arms, present, (*constrained, *RANKED_METRICS), "val_constrained")
     lines += [
         "",
         "every proposal ranked by its proposal score alone (class-blind), val detection mAP@0.5: "
         f"{results['proposal_ranking_map50']:.3f}",
-    ]
-    lines += [
         "",
         "easy scenes (1-2 objects, clean proposals; held-out seed), decoded as the Predictor decodes:",
         "",
     ]
-    lines += ["| metric | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
-    for metric in (
-        "detection/mAP50",
-        "detection/fp_rate",
-        "counting/accuracy",
-        "referring/acc50",
-        *RANKED_METRICS,
-    ):
-        cells = [_mean_sd([_metric(r, metric, "val_easy") for r in arms if r["arm"] == a]) for a in present]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    easy = ("detection/mAP50", "detection/fp_rate", "counting/accuracy", "referring/acc50")
+    lines += _table(arms, present, (*easy, *RANKED_METRICS), "val_easy")
     easy_random = results["random_map50_easy"]
     lines += ["", f"random choice (oracle count), easy val detection mAP@0.5: {easy_random:.3f}"]
     lines += [

@@ -165,7 +165,6 @@ class GroundingConstraint(LogitsProcessor):
             )
         per_sample = [labels] * len(counts) if row_labels is None else list(row_labels)
         self._sample_labels = [_spellings(x) for x in per_sample]
-        self.labels = _spellings(labels)  # the shared set (None with row_labels)
         self._region_index = {token: i for i, token in enumerate(vocabulary.region_ids)}
         self._masks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._start = 0  # prompt length of the current generation

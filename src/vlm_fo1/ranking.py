@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlm_fo1.decoding import label_spellings
 from vlm_fo1.prompting.tokens import GROUND_CLOSE, GROUND_OPEN, OBJECTS_OPEN
 
 ENCODER_INPUTS = ("pixel_values", "aux_pixel_values", "region_boxes_vit", "region_boxes_aux")
@@ -30,10 +31,9 @@ positions and the placement of image and region tokens)."""
 
 
 def _label_ids(tokenizer: Any, label: str) -> list[int]:
-    """Token ids of ``label``; refuses labels that spell an added (FO1 or chat) token."""
-    if not isinstance(label, str) or not label.strip():
-        raise ValueError(f"a label must be non-empty text, got {label!r}")
-    ids = tokenizer.encode(label.strip(), add_special_tokens=False)
+    """Token ids of ``label`` (:func:`label_spellings`); refuses labels that spell an added (FO1 or
+    chat) token."""
+    ids = label_spellings(tokenizer, [label])[0]
     added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
     smuggled = [tokenizer.convert_ids_to_tokens(i) for i in ids if i in added]
     if smuggled:
@@ -51,9 +51,10 @@ def rank_batch(
         processor: its ``FO1Processor``.
         batch: ``processor(conversation, images=…, boxes=…)`` for one sample (on the model's
             device), ending with the assistant header.
-        labels: the labels to rank the regions for (one forward pass each).
-        encodings: cached ``image_encoding`` / ``region_tokens`` passed to the model (the
-            ``Predictor``); the batch's encoder inputs are then not used.
+        labels: the labels to rank the regions for (one forward pass of the language model each;
+            the encoders run once).
+        encodings: cached ``image_encoding`` / ``region_tokens`` (the ``Predictor``); without them
+            they are computed from the batch (``encode_sample``) once for every label.
 
     Raises:
         ValueError: a batch of more than one sample or without regions, a label that is empty or
@@ -73,7 +74,11 @@ def rank_batch(
     region_ids = torch.tensor(processor.region_token_ids[:count], device=device)
     head = tokenizer.encode(GROUND_OPEN, add_special_tokens=False)
     tail = tokenizer.encode(GROUND_CLOSE + OBJECTS_OPEN, add_special_tokens=False)
-    base = {k: v for k, v in batch.items() if not (encodings and k in ENCODER_INPUTS)}
+    if not encodings:
+        with torch.no_grad():
+            image_encoding, region_tokens = model.encode_sample(batch)
+        encodings = {"image_encoding": image_encoding, "region_tokens": region_tokens}
+    base = {k: v for k, v in batch.items() if k not in ENCODER_INPUTS}
     out: dict[str, list[float]] = {}
     for label, ids in label_ids.items():
         prefix = torch.tensor([head + ids + tail], device=device)  # (1, P)
@@ -104,7 +109,5 @@ def rank_regions(
     Raises:
         ValueError: no boxes, or a bad label (see :func:`rank_batch`).
     """
-    if not boxes:
-        raise ValueError("ranking needs at least one candidate box, got none")
     batch = processor([conversation], images=[image], boxes=[list(boxes)])
     return rank_batch(model, processor, batch.to(next(model.parameters()).device), labels)

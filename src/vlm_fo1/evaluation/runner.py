@@ -68,7 +68,7 @@ def query_labels(record: ConversationRecord) -> tuple[str, ...] | None:
 
 def _plan_batches(records: Sequence[ConversationRecord], batch_size: int) -> list[list[int]]:
     """Indexes of ``records`` in batches of at most ``batch_size``, one (format, task) per batch."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
+    groups: dict[tuple[bool, str], list[int]] = {}
     for i, record in enumerate(records):
         groups.setdefault((is_coordinate_record(record), str(task_of(record))), []).append(i)
     return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
@@ -281,6 +281,11 @@ def _detection_truths(
     return usable, truths, list(categories)
 
 
+def _proposal_score(record: ConversationRecord, index: int) -> float:
+    """The proposal score of box ``index`` (1.0 for records without scores)."""
+    return record.scores[index] if record.scores else 1.0
+
+
 def proposal_ranking_map(records: Iterable[ConversationRecord]) -> float:
     """COCO mAP@0.5 of the baseline that lists every proposal for every asked class, ranked by its
     proposal score alone (class-blind): the floor of ``detection/mAP50@ranked_product``.
@@ -289,7 +294,7 @@ def proposal_ranking_map(records: Iterable[ConversationRecord]) -> float:
     if not usable:
         return math.nan
     detections = [
-        ScoredDetection(truth.image_id, label, box, record.scores[j] if record.scores else 1.0)
+        ScoredDetection(truth.image_id, label, box, _proposal_score(record, j))
         for truth, record in zip(truths, usable, strict=True)
         for label in truth.boxes
         for j, box in enumerate(record.boxes)
@@ -327,9 +332,10 @@ def random_choice_map(
             for label, boxes in truth.boxes.items():
                 wanted = len(boxes) if counts is None else counts.get(record.id, {}).get(label, 0)
                 for j in rng.sample(range(len(record.boxes)), min(wanted, len(record.boxes))):
-                    score = record.scores[j] if record.scores else 1.0
-                    detections.append(ScoredDetection(truth.image_id, label, record.boxes[j], score))
-        values.append(coco_map(truths, detections, list(categories))["mAP50"])
+                    detections.append(
+                        ScoredDetection(truth.image_id, label, record.boxes[j], _proposal_score(record, j))
+                    )
+        values.append(coco_map(truths, detections, categories)["mAP50"])
     return sum(values) / len(values)
 
 

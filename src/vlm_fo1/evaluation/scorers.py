@@ -193,7 +193,7 @@ class DetectionScorer(Scorer):
             {c: [list(b) for b in meta["gt_boxes"].get(c, [])] for c in classes},
             {c: [list(b) for b in boxes] for c, boxes in (meta.get("crowd_boxes") or {}).items() if boxes},
         )
-        by_class = self._predictions_by_class(item, classes)
+        by_class = self._predictions_by_class(item.preds, classes)
         absent = [c for c in classes if not truth.boxes[c] and c not in truth.crowd]
         targets = None if item.coords else meta.get("target_regions")
         if targets is not None:
@@ -213,24 +213,21 @@ class DetectionScorer(Scorer):
                 for mode in CONFIDENCE_MODES:
                     score = detection_confidence(mode, p.probability, p.proposal)
                     self.detections[mode].append(ScoredDetection(truth.image_id, label, p.box, score))
-        asked = {_norm_label(c): c for c in classes}
-        for p in item.ranked:
-            label = asked.get(_norm_label(p.label))
-            if label is None:
-                continue
-            for name, mode in RANKED_MODES.items():
-                score = detection_confidence(mode, p.probability, p.proposal)
-                self.ranked[name].append(ScoredDetection(truth.image_id, label, p.box, score))
+        for label, predictions in self._predictions_by_class(item.ranked, classes).items():
+            for p in predictions:
+                for name, mode in RANKED_MODES.items():
+                    score = detection_confidence(mode, p.probability, p.proposal)
+                    self.ranked[name].append(ScoredDetection(truth.image_id, label, p.box, score))
         self.correct.append(correct)
         return correct
 
     @staticmethod
-    def _predictions_by_class(item: ReadAnswer, classes: list[str]) -> dict[str, list[Prediction]]:
+    def _predictions_by_class(preds: list[Prediction], classes: list[str]) -> dict[str, list[Prediction]]:
         """Predictions whose label is an asked class (case and spacing ignored), one per (class, region)."""
         asked = {_norm_label(c): c for c in classes}
         by_class: dict[str, list[Prediction]] = {c: [] for c in classes}
         seen: set[tuple[str, int]] = set()
-        for p in item.preds:
+        for p in preds:
             label = asked.get(_norm_label(p.label))
             if label is None or (p.region is not None and (label, p.region) in seen):
                 continue

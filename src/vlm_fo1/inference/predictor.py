@@ -209,18 +209,7 @@ class Predictor:
         batch = self.processor(P.ask("."), images=prepared, boxes=proposals.boxes).to(self.device)
         clipped = ProposalSet(batch.samples[0].boxes, proposals.scores, proposals.labels)
         with torch.no_grad():
-            if encoding is None:
-                encoding = self.model.encode_images(batch["pixel_values"], batch["image_grid_thw"])
-            tokens = None
-            if len(clipped):
-                tokens = self.model.encode_regions(
-                    encoding,
-                    batch.get("aux_pixel_values"),
-                    batch["region_boxes_vit"],
-                    batch["region_boxes_aux"],
-                    batch["region_counts"],
-                    [0],
-                )  # (N, D_llm)
+            encoding, tokens = self.model.encode_sample(batch, encoding)  # tokens: (N, D_llm) or None
         return ImageState(prepared, clipped, encoding, tokens)
 
     def _region_index(self, region: int | Sequence[float]) -> int:
@@ -348,11 +337,12 @@ class Predictor:
             raise ValueError(f"top must be >= 1 or None, got {top}")
         state = self.image_state
         names = split_labels(labels)
-        found = []
-        scores = state.proposals.scores.tolist()
         if len(state.proposals) == 0:
             logger.warning("rank() on an image without proposals: nothing to rank")
-        for name in names if len(state.proposals) else ():
+            names = []
+        found = []
+        scores = state.proposals.scores.tolist()
+        for name in names:
             batch = self.processor(P.detect(name), images=state.prepared, boxes=state.proposals.boxes)
             ranked = rank_batch(
                 self.model,

@@ -177,6 +177,28 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         tokens = self.connector(regions.to(self.connector_dtype))  # (ΣN, D_llm)
         return self._finish_region_tokens(tokens, region_counts)
 
+    def encode_sample(
+        self, batch: Any, image_encoding: ImageEncoding | None = None
+    ) -> tuple[ImageEncoding, torch.Tensor | None]:
+        """The image encoding and region tokens ``(N, D_llm)`` (None without boxes) of a processor
+        batch of one sample with one image, to pass to ``forward`` / ``generate`` as
+        ``image_encoding`` and ``region_tokens`` for any prompt about that image and those boxes;
+        ``image_encoding``: reuse a ViT encoding of the same image (only the regions run)."""
+        if image_encoding is None:
+            image_encoding = self.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        counts = batch.get("region_counts")
+        if counts is None or int(counts.sum()) == 0:
+            return image_encoding, None
+        tokens = self.encode_regions(
+            image_encoding,
+            batch.get("aux_pixel_values"),
+            batch["region_boxes_vit"],
+            batch["region_boxes_aux"],
+            counts,
+            [0],
+        )
+        return image_encoding, tokens
+
     def _finish_region_tokens(
         self, tokens: torch.Tensor, counts: torch.Tensor, names: bool = True
     ) -> torch.Tensor:
