@@ -7,7 +7,9 @@ Layout (official-release.md §4), for an image with N boxes::
     <|im_start|>assistant\\n
 
 With no boxes the listing line is left out (``<|vision_end|>\\n{text}``). A system turn is added
-unless the conversation starts with one.
+unless the conversation starts with one. Regions described in words instead of an image
+(``region_texts``, see ``data.records``) open the first user turn as
+``<region0>circle<region1>background…\\n{text}``, each text tokenized as user text.
 
 Safety: text written by a user (user and system turns) can never produce a control token: every
 occurrence of an added-token string (``<|im_end|>``, ``<|image_pad|>``, ``<region3>``,
@@ -190,20 +192,39 @@ class ChatEncoder:
         placed[first_user]["content"] = [{"type": "image"}, *placed[first_user]["content"]]
         return placed
 
+    def _described_block(self, texts: Sequence[str]) -> list[_Piece]:
+        pieces = []
+        for i, text in enumerate(texts):
+            pieces += [_Piece(None, (self.ids[T.region_token(i)],), frozenset(), False)]
+            pieces += [_Piece(text, (), self._forbid_user, False)]
+        return [*pieces, _Piece("\n", (), frozenset(), False)]
+
     def encode(
-        self, messages: Any, image: ImageSlot | None = None, *, add_generation_prompt: bool = True
+        self,
+        messages: Any,
+        image: ImageSlot | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        region_texts: Sequence[str] | None = None,
     ) -> EncodedChat:
-        """Token ids and trainable mask of a conversation (see module docstring)."""
+        """Token ids and trainable mask of a conversation (see module docstring); ``region_texts``:
+        regions described in words (no image)."""
         normalized = self._place_image(normalize_messages(messages), image)
-        num_regions = image.num_regions if image is not None else 0
+        if region_texts is not None and image is not None:
+            raise ValueError("region_texts describe the regions of a conversation without an image, got both")
+        num_regions = image.num_regions if image is not None else len(region_texts or ())
         if num_regions > self.max_regions:
             raise ValueError(f"expected at most {self.max_regions} boxes, got {num_regions}")
         pieces: list[_Piece] = []
         if normalized[0]["role"] != "system" and self.system_prompt is not None:
             system = {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}
             pieces += self._message_pieces(system, None, 0)
-        for message in normalized:
-            pieces += self._message_pieces(message, image, num_regions)
+        first_user = next(i for i, m in enumerate(normalized) if m["role"] == "user")
+        for i, message in enumerate(normalized):
+            message_pieces = self._message_pieces(message, image, num_regions)
+            if i == first_user and region_texts:  # after the turn's header
+                message_pieces[1:1] = self._described_block(region_texts)
+            pieces += message_pieces
         if add_generation_prompt and normalized[-1]["role"] != "assistant":
             pieces.append(_Piece(f"{T.IM_START}assistant\n", (), frozenset(), False))
         return self._assemble(pieces)

@@ -189,12 +189,14 @@ class FO1Processor:
 
     # -- one sample --------------------------------------------------------------------------------------
     def _encode_sample(
-        self, messages: Any, image: Any, boxes: Any, add_generation_prompt: bool
+        self, messages: Any, image: Any, boxes: Any, add_generation_prompt: bool, region_texts: Any = None
     ) -> tuple[EncodedChat, PreparedImage | None, SampleInfo, torch.Tensor, torch.Tensor]:
         if image is None:
             if boxes is not None and len(boxes):
                 raise ValueError(f"got {len(boxes)} boxes but no image")
-            encoded = self.chat.encode(messages, None, add_generation_prompt=add_generation_prompt)
+            encoded = self.chat.encode(
+                messages, None, add_generation_prompt=add_generation_prompt, region_texts=region_texts
+            )
             empty = torch.zeros(0, 4)
             return encoded, None, SampleInfo(None, empty, None), empty, empty
         prepared = self.prepare_image(image)
@@ -218,6 +220,7 @@ class FO1Processor:
         return_labels: bool = False,
         padding_side: str = "left",
         max_length: int | None = None,
+        region_texts: Sequence[Sequence[str] | None] | None = None,
     ) -> FO1Batch:
         """Encode one conversation or a batch of them.
 
@@ -230,14 +233,21 @@ class FO1Processor:
             return_labels: add ``labels`` (-100 except assistant answers) for training.
             padding_side: ``left`` for generation, ``right`` for training.
             max_length: raise ``ValueError`` for longer samples (no silent truncation).
+            region_texts: per conversation, regions described in words instead of an image (or None).
         """
         batch, images, boxes = self._as_batch(conversations, images, boxes)
+        if region_texts is None:
+            region_texts = [None] * len(batch)
+        elif len(region_texts) != len(batch):
+            raise ValueError(
+                f"expected one region_texts entry per conversation: {len(batch)}, got {len(region_texts)}"
+            )
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         encoded, prepared, samples, vit_boxes, aux_boxes = [], [], [], [], []
         for i, messages in enumerate(batch):
             enc, prep, info, vb, ab = self._encode_sample(
-                messages, images[i], boxes[i], add_generation_prompt
+                messages, images[i], boxes[i], add_generation_prompt, region_texts[i]
             )
             if max_length is not None and len(enc.input_ids) > max_length:
                 raise ValueError(

@@ -83,4 +83,5 @@ class FO1Collator:
             return_labels=True,
             padding_side="right",
             max_length=self.max_length,
+            region_texts=[record.region_texts for record, _ in pairs],
         )

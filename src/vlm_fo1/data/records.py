@@ -9,7 +9,11 @@ One JSON object per line::
 
 ``image`` is relative to the file's folder (or absolute); ``boxes`` are xyxy in the image's
 pixels and ``<regionN>`` in the conversation names ``boxes[N]``; ``scores`` (optional) are
-proposal scores. Message content may also be a plain string: in a *data file* (trusted, unlike
+proposal scores. A record may instead describe its regions in words (``"region_texts":
+["circle", "background", …]``, no image, no boxes): the listing then reads
+``<region0>circle<region1>background…`` where an image's listing has region features, so a
+language model can learn to retrieve regions from text alone (stage 0 of the miniature recipe).
+Message content may also be a plain string: in a *data file* (trusted, unlike
 user input at run time) ``<regionN>`` tags in user text are read as region references.
 
 The release's processed evaluation files are read too (official-release.md §7): COCO JSONL lines
@@ -42,8 +46,20 @@ class ConversationRecord:
     id: str | int | None = None
     task: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    region_texts: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.region_texts is not None:
+            if self.image is not None or self.boxes:
+                raise ValueError(
+                    f"record {self.id!r}: region_texts replace the image and its boxes, "
+                    f"got image {self.image!r} and {len(self.boxes)} boxes"
+                )
+            bad = [t for t in self.region_texts if not isinstance(t, str) or not t.strip()]
+            if bad:
+                raise ValueError(
+                    f"record {self.id!r}: region_texts must be non-empty strings, got {bad[:3]!r}"
+                )
         if self.scores is not None and len(self.scores) != len(self.boxes):
             raise ValueError(f"record {self.id!r}: {len(self.scores)} scores for {len(self.boxes)} boxes")
         for i, box in enumerate(self.boxes):
@@ -63,7 +79,14 @@ class ConversationRecord:
             data["task"] = self.task
         if self.meta:
             data["meta"] = self.meta
+        if self.region_texts is not None:
+            data["region_texts"] = self.region_texts
         return data
+
+    @property
+    def num_regions(self) -> int:
+        """How many regions the conversation may name (boxes, or described regions)."""
+        return len(self.region_texts) if self.region_texts is not None else len(self.boxes)
 
     def image_path(self, root: str | Path | None) -> Path | None:
         """The image path, resolved against ``root`` when relative."""
@@ -104,7 +127,7 @@ def pack_conversations(records: Iterable[ConversationRecord], max_turns: int) ->
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     groups: dict[tuple[Any, ...], list[ConversationRecord]] = {}
     for record in records:
-        key = (record.image, tuple(tuple(b) for b in record.boxes))
+        key = (record.image, tuple(tuple(b) for b in record.boxes), tuple(record.region_texts or ()))
         groups.setdefault(key, []).append(record)
     packed = []
     for group in groups.values():
@@ -123,6 +146,7 @@ def pack_conversations(records: Iterable[ConversationRecord], max_turns: int) ->
                     id=first.id if len(chunk) == 1 else f"{first.id}+{len(chunk) - 1}",
                     task=first.task if len(chunk) == 1 else "packed",
                     meta={**first.meta, "packed_ids": [r.id for r in chunk]},
+                    region_texts=first.region_texts,
                 )
             )
     return packed
@@ -144,7 +168,7 @@ def permute_regions(record: ConversationRecord, order: Sequence[int]) -> Convers
     Raises:
         ValueError: when ``order`` is not a permutation of the record's box indexes.
     """
-    count = len(record.boxes)
+    count = record.num_regions
     if sorted(order) != list(range(count)):
         raise ValueError(
             f"record {record.id!r}: order must be a permutation of 0..{count - 1}, got {list(order)}"
@@ -183,11 +207,12 @@ def permute_regions(record: ConversationRecord, order: Sequence[int]) -> Convers
     return ConversationRecord(
         messages=[{**m, "content": content(m["content"])} for m in record.messages],
         image=record.image,
-        boxes=[record.boxes[i] for i in order],
+        boxes=[record.boxes[i] for i in order] if record.boxes else [],
         scores=None if record.scores is None else [record.scores[i] for i in order],
         id=record.id,
         task=record.task,
         meta=meta,
+        region_texts=None if record.region_texts is None else [record.region_texts[i] for i in order],
     )
 
 
@@ -259,6 +284,7 @@ def _parse_line(data: dict[str, Any]) -> ConversationRecord:
         id=data.get("id"),
         task=data.get("task"),
         meta=data.get("meta", {}),
+        region_texts=data.get("region_texts"),
     )
 
 

@@ -17,6 +17,7 @@ from vlm_fo1.synthetic.dataset import (
     generate_dataset,
     scene_truth,
 )
+from vlm_fo1.synthetic.described import DESCRIBED_TASKS, EMPTY_WORD, describe, region_words, write_described
 from vlm_fo1.synthetic.language import (
     CAPTION_QUESTION,
     VQA_QUESTION_FORMS,
@@ -42,7 +43,9 @@ from vlm_fo1.synthetic.tasks import (
 
 __all__ = [
     "CAPTION_QUESTION",
+    "DESCRIBED_TASKS",
     "DIFFICULTIES",
+    "EMPTY_WORD",
     "GENERAL_TASKS",
     "NEGATIVE_TASKS",
     "REGION_TASKS",
@@ -58,6 +61,7 @@ __all__ = [
     "TaskMix",
     "build_scene",
     "derive_seed",
+    "describe",
     "difficulty_configs",
     "generate_dataset",
     "grounding_answer",
@@ -67,9 +71,11 @@ __all__ = [
     "object_phrase",
     "plural",
     "referring_expressions",
+    "region_words",
     "render_scene",
     "scene_truth",
     "simulate_proposals",
     "vqa_questions",
     "world_vocabulary",
+    "write_described",
 ]

@@ -233,7 +233,7 @@ def build_dataset(spec: DataSpec, num_samples: int, seed: int) -> RecordDataset:
     if spec.shuffle_regions:  # a fresh listing order per drawn item (repeats get different ones)
         share = float(spec.shuffle_regions)
         items = [
-            (permute_regions(r, rng.sample(range(len(r.boxes)), len(r.boxes))), root)
+            (permute_regions(r, rng.sample(range(r.num_regions), r.num_regions)), root)
             if share >= 1.0 or rng.random() < share  # no draw at 1: the same stream as always shuffling
             else (r, root)
             for r, root in items
