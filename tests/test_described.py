@@ -122,3 +122,12 @@ def test_region_texts_validation_and_round_trip(tmp_path: Path) -> None:
     assert next(read_records(tmp_path / "r.jsonl")) == record
     with pytest.raises(ValueError, match="expected 2 region words"):
         describe(ConversationRecord(messages=messages, image="a.png", boxes=[[0, 0, 1, 1]] * 2), ["star"])
+
+
+def test_evaluation_refuses_described_records(model, processor) -> None:
+    from vlm_fo1.evaluation.runner import evaluate
+
+    messages = [{"role": "user", "content": "Please detect star."}, {"role": "assistant", "content": "x"}]
+    record = ConversationRecord(messages=messages, id="d", region_texts=["star"])
+    with pytest.raises(ValueError, match="described in words"):
+        evaluate(model, processor, [record], None, progress=False)

@@ -9,7 +9,7 @@ Layout (official-release.md §4), for an image with N boxes::
 With no boxes the listing line is left out (``<|vision_end|>\\n{text}``). A system turn is added
 unless the conversation starts with one. Regions described in words instead of an image
 (``region_texts``, see ``data.records``) open the first user turn as
-``<region0>circle<region1>background…\\n{text}``, each text tokenized as user text.
+``<region0>circle<region1>empty…\\n{text}``, each text tokenized as user text.
 
 Safety: text written by a user (user and system turns) can never produce a control token: every
 occurrence of an added-token string (``<|im_end|>``, ``<|image_pad|>``, ``<region3>``,

@@ -10,11 +10,11 @@ One JSON object per line::
 ``image`` is relative to the file's folder (or absolute); ``boxes`` are xyxy in the image's
 pixels and ``<regionN>`` in the conversation names ``boxes[N]``; ``scores`` (optional) are
 proposal scores. A record may instead describe its regions in words (``"region_texts":
-["circle", "background", …]``, no image, no boxes): the listing then reads
-``<region0>circle<region1>background…`` where an image's listing has region features, so a
-language model can learn to retrieve regions from text alone (stage 0 of the miniature recipe).
-Message content may also be a plain string: in a *data file* (trusted, unlike
-user input at run time) ``<regionN>`` tags in user text are read as region references.
+["circle", "empty", …]``, no image, no boxes): the listing then reads
+``<region0>circle<region1>empty…`` where an image's listing has region features, so a language
+model can learn region retrieval from text alone (``synthetic.described``; training only, the
+evaluation runner refuses them). Message content may also be a plain string: in a *data file*
+(trusted, unlike user input at run time) ``<regionN>`` tags in user text are read as region references.
 
 The release's processed evaluation files are read too (official-release.md §7): COCO JSONL lines
 with ``conversations`` / ``bbox_list`` / ``score_list``, and the CountBench / PixMo-Count JSON

@@ -225,12 +225,19 @@ def evaluate(
         progress: show a progress bar.
 
     Raises:
-        ValueError: for an unknown ``confidence`` or non-positive sizes.
+        ValueError: for an unknown ``confidence``, non-positive sizes, or records that describe
+            their regions in words (``region_texts``: no boxes to score).
     """
     check_mode(confidence)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     records = list(records)
+    described = [r.id for r in records if r.region_texts is not None]
+    if described:
+        raise ValueError(
+            f"expected records with an image and boxes, got {len(described)} with regions described "
+            f"in words (region_texts), e.g. {described[0]!r}"
+        )
     answers: list[GeneratedAnswer | None] = [None] * len(records)
     errors: list[dict[str, Any]] = []
     start = time.perf_counter()

@@ -9,8 +9,10 @@ A region's word is the class of the object it stands for (the proposal that
 :func:`~vlm_fo1.synthetic.proposals.match_proposals` pairs with the object, as in the answers)
 or :data:`EMPTY_WORD` for every other proposal (background, parts, duplicates).
 
-Stage 1 then has a frozen language model that already retrieves regions by their content, and
-aligns the region tokens to it, as the paper's stage 1 aligns them to a pretrained Qwen2.5-VL.
+The hope was a stage 1 that aligns region tokens to a frozen language model that already
+retrieves by content, as the paper's stage 1 does with a pretrained Qwen2.5-VL. Measured in
+``benchmarks/described_base.py`` (docs/training.md): the tiny base learns this retrieval only in
+part and the FO1 arm built on it retrieves worse than the recipe's, so the recipe does not use it.
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def _stage(
                 {"path": str(p), "weight": w} | ({"tasks": list(t)} if t else {}) for p, w, t in sources
             ],
             "exclude_negatives": exclude_negatives,
-            "shuffle_regions": recipe.shuffle_regions if stage > 0 else 0.0,
+            "shuffle_regions": recipe.shuffle_regions,  # no-op (no random draw) on records without regions
             "pack_turns": recipe.pack_turns if stage > 0 else 1,
         },
         "optim": {
