@@ -12,7 +12,8 @@ recipe's hybrid arm on it unchanged. It prints the base's text retrieval accurac
 named after ``<ground>label</ground><objects>`` among the targets, shuffled held-out described
 records) after stage 0, stage 1 and stage 2, and the arm's held-out metrics next to the
 benchmark's hybrid seed 0 (from ``RUN/hybrid-s0``, when present). Needs the world and the
-benchmark's run folder of ``benchmarks/miniature.py``.
+benchmark's run folder of ``benchmarks/miniature.py``. Results: docs/training.md ("A base that
+already retrieves in text does not help").
 """
 
 from __future__ import annotations
