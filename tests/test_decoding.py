@@ -103,12 +103,18 @@ def test_grammar_holds_on_sampled_answers(processor, fake, max_new_tokens):
     bias.zero_()
 
 
-def test_labels_restrict_the_grounded_text(processor, fake):
+def _grounding_setup(processor, fake):
+    """The fake model pushed towards grounding tags and region names, and a two-sample detection
+    batch (12 and 3 boxes) for it."""
     model, bias = fake
     bias.zero_()
     bias[_ids(processor, T.GROUND_OPEN, T.GROUND_CLOSE)] = 8.0
     bias[processor.region_token_ids] = 6.0
-    batch = _batch(processor, counts=(12, 3), prompt=P.detect(["cat", "dog"]))
+    return model, bias, _batch(processor, counts=(12, 3), prompt=P.detect(["cat", "dog"]))
+
+
+def test_labels_restrict_the_grounded_text(processor, fake):
+    model, bias, batch = _grounding_setup(processor, fake)
     for seed in range(2):
         texts = _generate(model, processor, batch, 24, seed=seed, labels=["cat", "red circle"])
         labels = {g.label for text in texts for g in parse(text).groups}
@@ -117,11 +123,7 @@ def test_labels_restrict_the_grounded_text(processor, fake):
 
 
 def test_row_labels_restrict_each_sample_to_its_own(processor, fake):
-    model, bias = fake
-    bias.zero_()
-    bias[_ids(processor, T.GROUND_OPEN, T.GROUND_CLOSE)] = 8.0
-    bias[processor.region_token_ids] = 6.0
-    batch = _batch(processor, counts=(12, 3), prompt=P.detect(["cat", "dog"]))
+    model, bias, batch = _grounding_setup(processor, fake)
     allowed = [{"cat"}, {"red circle", "dog"}]
     for seed in range(3):
         texts = _generate(model, processor, batch, 24, seed=seed, row_labels=[["cat"], ["red circle", "dog"]])
