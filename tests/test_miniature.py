@@ -74,6 +74,7 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
         assert (tmp_path / "hybrid" / phase / "config.json").is_file()
     config = json.loads((hybrid / "config.json").read_text())
     assert config["region_token_norm"] == "batch" and config["region_name_embedding"] is True
+    assert config["region_pointer"] is True
     no_neg = train_fo1(
         world,
         base,
@@ -247,10 +248,9 @@ def test_reduced_recipe_learns_to_retrieve_regions(tmp_path):
     print(
         f"mAP50 {metrics['detection/mAP50']:.3f} vs chance {chance:.3f}; REC {metrics['referring/acc50']:.3f} vs {rec_chance:.3f}"
     )
-    # Measured (seeded, CPU): mAP50 0.371 against 0.329 by chance with 2 torch threads (0.387
-    # against 0.291 with 1), REC 0.767-0.791 against 0.628. Retrieval is learnt, but the margin on
-    # detection is small: the "well above random choice" is not reached (RESULTS.md).
-    assert metrics["detection/mAP50"] > chance + 0.02
+    # Measured (seeded, CPU, 2 torch threads): mAP50 0.456 against 0.348 by chance, REC 0.791
+    # against 0.628 (before the region pointer: 0.371 against 0.329, REC 0.767-0.791).
+    assert metrics["detection/mAP50"] > chance + 0.05
     assert metrics["referring/acc50"] > rec_chance + 0.1
 
 

@@ -233,3 +233,68 @@ def test_region_token_options_are_validated(tokenizer):
         tiny_config(tokenizer, region_token_norm="layer")
     with pytest.raises(ValueError, match="region_token_ids"):
         tiny_config(tokenizer, region_name_embedding=True, region_token_ids=None)
+    with pytest.raises(ValueError, match="region_pointer needs region_token_ids"):
+        tiny_config(tokenizer, region_pointer=True, region_token_ids=None)
+
+
+def _pointer_pair(tokenizer, seed: int = 3):
+    """The same weights without and with the region pointer (its matrix left at zero)."""
+    plain = tiny_model(tiny_config(tokenizer), seed=seed)
+    pointed = tiny_model(tiny_config(tokenizer, region_pointer=True), seed=seed)
+    result = pointed.load_state_dict(plain.state_dict(), strict=False)
+    assert result.missing_keys == ["region_pointer.weight"] and not result.unexpected_keys
+    return plain, pointed
+
+
+def test_region_pointer_starts_as_the_lm_head_then_adds_bilinear_scores(processor, tokenizer, image):
+    plain, pointed = _pointer_pair(tokenizer)
+    assert pointed.region_pointer.weight.abs().sum() == 0  # zero-initialised
+    batch = processor(P.detect("cat"), images=image, boxes=BOXES)
+    with torch.no_grad():
+        base = plain(**batch, output_hidden_states=True)
+        torch.testing.assert_close(pointed(**batch).logits, base.logits, rtol=0, atol=0)
+        torch.nn.init.normal_(pointed.region_pointer.weight, std=0.5)
+        logits = pointed(**batch).logits
+    # The reference: the stock model's last hidden states (normed: the LM head reads them).
+    hidden = base.hidden_states[-1][0]  # (T, D)
+    torch.testing.assert_close(plain.vlm.lm_head(hidden), base.logits[0])
+    regions = hidden[batch["input_ids"][0] == processor.region_feature_token_id]  # (3, D)
+    expected = hidden @ pointed.region_pointer.weight @ regions.T / hidden.shape[-1] ** 0.5  # (T, 3)
+    ids = pointed.config.region_token_ids
+    torch.testing.assert_close(logits[0][:, ids[:3]] - base.logits[0][:, ids[:3]], expected)
+    others = [i for i in range(logits.shape[-1]) if i not in ids[:3]]
+    torch.testing.assert_close(logits[0][:, others], base.logits[0][:, others], rtol=0, atol=0)
+
+
+def test_region_pointer_cached_generation_matches_full_forward(processor, tokenizer, image, tmp_path):
+    _, model = _pointer_pair(tokenizer)
+    torch.nn.init.normal_(model.region_pointer.weight, std=0.5)
+    model.save_pretrained(tmp_path)
+    model = FO1ForConditionalGeneration.from_pretrained(tmp_path).eval()  # the pointer round-trips
+    assert model.region_pointer.weight.abs().sum() > 0
+    batch = processor(P.detect(["cat", "dog"]), images=image, boxes=BOXES)
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    width = batch["input_ids"].shape[1]
+    full = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    full["input_ids"] = out.sequences[:, :-1]
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    with torch.no_grad():
+        reference = model(**full).logits[0, width - 1 :]  # (6, V): every step from one uncached pass
+    torch.testing.assert_close(torch.stack([step[0] for step in out.logits]), reference, rtol=1e-4, atol=1e-4)
+    assert set(out.sequences[0, width:].tolist()) & set(model.config.region_token_ids[:3])
+
+
+def test_region_pointer_loss_is_the_cross_entropy_of_its_logits(processor, tokenizer, image):
+    _, model = _pointer_pair(tokenizer)
+    conversation = [
+        {"role": "user", "content": P.detect("cat")},
+        {"role": "assistant", "content": "<ground>cat</ground><objects><region1></objects>"},
+    ]
+    batch = processor(conversation, images=image, boxes=BOXES, return_labels=True, padding_side="right")
+    out = model(**batch)
+    labels = batch["labels"][0, 1:]
+    trained = labels != -100
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1][trained], labels[trained])
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.region_pointer.weight.grad.abs().sum() > 0  # zero-initialised, still learns

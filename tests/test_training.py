@@ -153,6 +153,12 @@ def test_stage_presets(stage0):
     frozen_extra = _trainable(model)
     assert frozen_extra == {n for n in names if not n.startswith(("aux_encoder", "vlm.lm_head"))}
 
+    config.model.overrides = {"region_pointer": True}  # a new module: part of the region side
+    model, processor = init_model(config)
+    for stage in (1, 2):
+        configure_trainable(model, stage, processor.tokenizer)
+        assert "region_pointer.weight" in _trainable(model)
+
 
 def test_stage1_updates_only_fo1_token_rows(stage0, data_dir):
     config = run_config_from_dict(_config(data_dir, Path("x"), 1, stage0))

@@ -67,6 +67,10 @@ class FO1Config(PreTrainedConfig):
             then scaled to that RMS, so the tokens cannot stop varying.
         region_name_embedding: not in the release; add the embedding of ``<regionN>`` to region
             token N, so a region token carries its own name (retrieval needs one attention hop).
+        region_pointer: not in the release; add to the logit of ``<regionN>`` a bilinear score
+            between the answer position's last hidden state and region N's last hidden state
+            (``h_t · W h_N / sqrt(D)``, ``W`` zero-initialised), so naming a region points at
+            its token's content instead of being a token the LM head must learn per index.
 
         max_regions: maximum number of boxes per image (the number of ``<regionN>`` tokens).
         region_feature_token / region_token_template: the placeholder and region name strings.
@@ -99,6 +103,7 @@ class FO1Config(PreTrainedConfig):
     connector_type: str = "mlp2x_gelu"
     region_token_norm: str | None = None
     region_name_embedding: bool = False
+    region_pointer: bool = False
     max_regions: int = T.DEFAULT_MAX_REGIONS
     region_feature_token: str = T.REGION_FEATURE_TOKEN
     region_token_template: str = T.REGION_TOKEN_TEMPLATE
@@ -142,8 +147,9 @@ class FO1Config(PreTrainedConfig):
         blocks = self.feature_blocks
         if not blocks or any(not 0 <= b < depth for b in blocks):
             raise ValueError(f"FO1Config.vit_feature_blocks must be indexes in [0, {depth}), got {blocks}")
-        if self.region_name_embedding and self.region_token_ids is None:
-            raise ValueError("FO1Config.region_name_embedding needs region_token_ids (the <regionN> ids)")
+        for name in ("region_name_embedding", "region_pointer"):
+            if getattr(self, name) and self.region_token_ids is None:
+                raise ValueError(f"FO1Config.{name} needs region_token_ids (the <regionN> ids)")
         if self.region_token_ids is not None and len(self.region_token_ids) != self.max_regions:
             raise ValueError(
                 f"FO1Config.region_token_ids must have max_regions={self.max_regions} ids, "

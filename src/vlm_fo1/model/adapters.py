@@ -69,6 +69,8 @@ class VLMAdapter(Protocol):
 
     def forward(self, vlm: PreTrainedModel, encoding: ImageEncoding | None, **kwargs: Any) -> Any: ...
 
+    def final_norm(self, vlm: PreTrainedModel) -> nn.Module: ...
+
     def prepare_position_ids_for_generation(
         self, vlm: PreTrainedModel, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]
     ) -> torch.Tensor: ...
@@ -196,6 +198,10 @@ class Qwen2_5_VLAdapter:
         if encoding is not None:
             kwargs["mm_encoder_outputs"] = {"image": encoding.outputs}
         return vlm(**kwargs)
+
+    def final_norm(self, vlm: PreTrainedModel) -> nn.Module:
+        """The language model's last norm (its output is what the LM head reads)."""
+        return vlm.model.language_model.norm
 
     def prepare_position_ids_for_generation(
         self, vlm: PreTrainedModel, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from vlm_fo1.config import FO1Config
-from vlm_fo1.model.adapters import ImageEncoding, get_adapter
+from vlm_fo1.model.adapters import ImageEncoding, capture_outputs, get_adapter
 from vlm_fo1.model.aux_encoder import aux_feature_geometry, build_aux_encoder, encode_aux
 from vlm_fo1.model.region_encoder import HybridRegionEncoder, build_connector
 
@@ -83,8 +83,14 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         self.region_token_bn = (
             nn.BatchNorm1d(hidden, affine=False) if config.region_token_norm == "batch" else None
         )
+        self.region_pointer = nn.Linear(hidden, hidden, bias=False) if config.region_pointer else None
 
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "region_pointer", None):
+            nn.init.zeros_(module.weight)  # starts as the plain LM head
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -290,6 +296,7 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         image_encoding: ImageEncoding | None = None,
         region_tokens: torch.Tensor | None = None,
+        region_pointer_keys: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Logits (and loss with ``labels``) of the base VLM with region tokens spliced in.
@@ -304,6 +311,9 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
                 computed earlier for these images and boxes (a cache: several questions about one
                 image need the encoders once); ``image_grid_thw`` and ``region_counts`` are
                 still needed for positions and placement.
+            region_pointer_keys: with ``region_pointer``, the keys of the prompt's regions from an
+                earlier forward (``outputs["region_pointer_keys"]``; generation carries them to
+                cached decoding steps, whose inputs no longer hold the regions).
         """
         encoding = image_encoding
         if encoding is None and pixel_values is not None:
@@ -330,27 +340,77 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             inputs_embeds = self.splice_regions(input_ids, inputs_embeds, region_tokens, region_counts)
         else:
             self._check_no_placeholders(input_ids, cache)
-        return self.adapter.forward(
-            self.vlm,
-            encoding,
+        pointer = self.region_pointer is not None
+        call = dict(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            labels=labels,
+            labels=None if pointer else labels,
             use_cache=use_cache,
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        if not pointer:
+            return self.adapter.forward(self.vlm, encoding, **call)
+        with capture_outputs([self.adapter.final_norm(self.vlm)]) as captured:
+            outputs = self.adapter.forward(self.vlm, encoding, **call)
+        hidden = captured[0]  # (B, T, D): what the LM head reads
+        if has_regions:
+            region_pointer_keys = self._pointer_keys(input_ids, hidden, region_counts)
+        if region_pointer_keys is not None:
+            outputs.logits = self._add_pointer_logits(outputs.logits, hidden, region_pointer_keys)
+            outputs["region_pointer_keys"] = region_pointer_keys
+        if labels is not None:
+            outputs.loss = F.cross_entropy(
+                outputs.logits[:, :-1].float().flatten(0, 1),
+                labels[:, 1:].to(outputs.logits.device).flatten(),
+                ignore_index=-100,
+            )
+        return outputs
+
+    # -- region pointer (``FO1Config.region_pointer``) ---------------------------------------------------
+    def _pointer_keys(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's region states, padded: keys ``(B, N_max, D)`` and a valid mask ``(B, N_max)``.
+
+        Region k of a sample is its k-th ``<regionfeat>`` position of ``hidden`` ``(B, T, D)``."""
+        states = hidden[input_ids == self.config.region_feature_token_id]  # (ΣN, D), samples in order
+        n_max = int(counts.max())
+        valid = torch.arange(n_max, device=hidden.device)[None, :] < counts.to(hidden.device)[:, None]
+        keys = hidden.new_zeros(counts.shape[0], n_max, hidden.shape[-1])
+        keys[valid] = states
+        return self.region_pointer(keys), valid
+
+    def _add_pointer_logits(
+        self, logits: torch.Tensor, hidden: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """``logits`` ``(B, L, V)`` with ``h_t · k_N / sqrt(D)`` added to each valid ``<regionN>``
+        column; ``hidden`` ``(B, T, D)`` with ``T ≥ L`` (the last ``L`` positions are scored)."""
+        projected, valid = keys
+        queries = hidden[:, hidden.shape[1] - logits.shape[1] :]  # (B, L, D)
+        scores = torch.einsum("bld,bnd->bln", queries, projected) / projected.shape[-1] ** 0.5
+        scores = scores * valid[:, None, :].to(scores.dtype)  # (B, L, N_max)
+        ids = torch.tensor(self.config.region_token_ids[: scores.shape[-1]], device=logits.device)
+        return logits.index_add(-1, ids, scores.to(logits.dtype))
 
     # -- generation ----------------------------------------------------------------------------------------
     def _prepare_position_ids_for_generation(
         self, inputs_tensor: torch.Tensor, model_kwargs: dict
     ) -> torch.Tensor:
         return self.adapter.prepare_position_ids_for_generation(self.vlm, inputs_tensor, model_kwargs)
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if "region_pointer_keys" in outputs:  # the prompt's region keys for the cached steps
+            model_kwargs["region_pointer_keys"] = outputs["region_pointer_keys"]
+        return model_kwargs
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         first = bool(kwargs.get("is_first_iteration", False))

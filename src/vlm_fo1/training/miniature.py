@@ -41,8 +41,13 @@ STAGE1_MIX = (("easy", 1.0), ("medium", 1.0), ("full", 1.0))
 EASY_MIX = (("easy", 3.0), ("general", 1.0))
 FULL_MIX = (("medium", 1.5), ("full", 1.5), ("easy", 0.5), ("general", 1.0))
 
-FO1_OVERRIDES = {"region_layer_norm": True, "region_token_norm": "batch", "region_name_embedding": True}
-"""Model options of the miniature FO1 arms (see ``FO1Config``; the last two are not in the release)."""
+FO1_OVERRIDES = {
+    "region_layer_norm": True,
+    "region_token_norm": "batch",
+    "region_name_embedding": True,
+    "region_pointer": True,
+}
+"""Model options of the miniature FO1 arms (see ``FO1Config``; the last three are not in the release)."""
 
 
 @dataclass(frozen=True)
