@@ -188,6 +188,37 @@ def test_state_machine_step_by_step(processor):
     assert _step(tight, [ground, *cat], width) == {ground_close}  # closes in time
 
 
+def test_stop_by_mass_goes_on_when_the_regions_together_outweigh_the_close(processor):
+    vocab = GrammarVocabulary.from_processor(processor)
+    ground, ground_close, objects, objects_close = vocab.tags
+    regions = processor.region_token_ids
+    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
+    prefix = [ground, *cat, ground_close, objects, regions[2]]
+    width = len(processor.tokenizer)
+
+    def allowed(scores, **kwargs):
+        constraint = GroundingConstraint(vocab, [6], **kwargs)
+        constraint(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, width))  # a new generation
+        ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.tensor([prefix])], dim=1)
+        return set(torch.isfinite(constraint(ids, scores[None])[0]).nonzero().flatten().tolist())
+
+    # </objects> has probability 0.3, each of the five unused regions 0.14 (0.7 together):
+    # greedy would close, the totals say go on.
+    logits = torch.full((width,), -30.0)
+    logits[objects_close] = torch.tensor(0.3).log()
+    logits[[regions[i] for i in (0, 1, 3, 4, 5)]] = torch.tensor(0.14).log()
+    unused = {regions[i] for i in (0, 1, 3, 4, 5)}
+    assert allowed(logits) == unused | {objects_close}  # off (the default): both sides
+    assert allowed(logits, stop_by_mass=True) == unused
+    logits[objects_close] = torch.tensor(0.75).log()  # now the close outweighs 0.7
+    assert allowed(logits, stop_by_mass=True) == {objects_close}
+    logits[regions[0]] = 5.0  # an unused region that itself outweighs the close
+    assert allowed(logits, stop_by_mass=True) == unused
+    used_up = [ground, *cat, ground_close, objects, *regions[:6]]
+    prefix[:] = used_up  # every region named: only the close is left, whatever the scores
+    assert allowed(logits, stop_by_mass=True) == {objects_close}
+
+
 def test_bad_region_counts_raise(processor):
     vocab = GrammarVocabulary.from_processor(processor)
     with pytest.raises(ValueError, match=r"\[0, 32\]"):

@@ -273,7 +273,9 @@ def test_region_pointer_cached_generation_matches_full_forward(processor, tokeni
     model = FO1ForConditionalGeneration.from_pretrained(tmp_path).eval()  # the pointer round-trips
     assert model.region_pointer.weight.abs().sum() > 0
     batch = processor(P.detect(["cat", "dog"]), images=image, boxes=BOXES)
-    out = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        **batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     width = batch["input_ids"].shape[1]
     full = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
     full["input_ids"] = out.sequences[:, :-1]

@@ -289,7 +289,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         confidence=args.confidence,
-        constrained=args.constrained,
+        constrained=args.constrained or args.stop_by_mass,
+        stop_by_mass=args.stop_by_mass,
         ranked=args.ranked,
         progress=not args.no_progress,
     )
@@ -348,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--constrained",
         action="store_true",
         help="decode under the grounding constraint, as the Predictor does",
+    )
+    evaluate.add_argument(
+        "--stop-by-mass",
+        action="store_true",
+        help="constrained, and go on naming regions while they together outweigh </objects>",
     )
     evaluate.add_argument(
         "--ranked",

@@ -11,7 +11,8 @@ the answer grammar ``… <ground>LABEL</ground><objects><regionA><regionB>…</o
   ``</ground>`` once a whole label is spelled;
 - *after* ``</ground>``: ``<objects>`` only;
 - *in* ``<objects>``: ``<regionN>`` with ``N <`` this sample's box count (each at most once per
-  group), or ``</objects>``;
+  group), or ``</objects>``; with ``stop_by_mass``, one side only: ``</objects>`` or the regions,
+  whichever holds more probability in total (see below);
 - *finished* (the sample emitted its end-of-turn token): anything (generate pads the row).
 
 Always forbidden: ``<regionfeat>``, chat control tokens other than the end-of-turn tokens, ids
@@ -19,6 +20,14 @@ the tokenizer does not know (padding rows of the embedding matrix), and ``<regio
 at or beyond the sample's box count. When ``max_new_tokens`` is given, an open segment is closed
 in time: no ``<ground>`` is opened without room for ``LABEL</ground><objects></objects>``, and the
 closing tags are forced when the budget runs out, so every answer parses without issues.
+
+Greedy decoding compares ``</objects>`` with the single most likely region. A model that is unsure
+*which* of several boxes comes next spreads the probability of "another region" over all of them,
+so each loses to ``</objects>`` and the answer stops after one region even when most of the mass
+says it should go on (the miniature models answer every count with 1 this way).
+``stop_by_mass=True`` (not in the release) makes that decision on totals: another region when the
+allowed regions' probabilities sum to more than that of ``</objects>`` (then the most likely
+region, as before), otherwise ``</objects>``.
 
 When the tokenizer does not hold the four grounding tags as single tokens, the grammar part is
 switched off (with a warning) and only the region-range and placeholder rules apply.
@@ -142,6 +151,7 @@ class GroundingConstraint(LogitsProcessor):
         unique_regions: bool = True,
         labels: Sequence[Sequence[int]] | None = None,
         row_labels: Sequence[Sequence[Sequence[int]] | None] | None = None,
+        stop_by_mass: bool = False,
     ) -> None:
         counts = region_counts.tolist() if isinstance(region_counts, torch.Tensor) else list(region_counts)
         limit = len(vocabulary.region_ids)
@@ -155,6 +165,7 @@ class GroundingConstraint(LogitsProcessor):
         self.free_region_mentions = free_region_mentions
         self.max_new_tokens = max_new_tokens
         self.unique_regions = unique_regions
+        self.stop_by_mass = stop_by_mass
         if labels is not None and row_labels is not None:
             raise ValueError(
                 "give labels (one set for every sample) or row_labels (one per sample), not both"
@@ -341,8 +352,24 @@ class GroundingConstraint(LogitsProcessor):
                 self.region_counts[sample], row, room, width, scores.device, self._sample_labels[sample]
             )
             if allowed is not None:
+                if self.stop_by_mass and row.state == IN_OBJECTS and self.vocabulary.tags is not None:
+                    allowed = self._by_mass(scores[b], allowed)
                 out[b] = out[b].masked_fill(~allowed, float("-inf"))
         return out
+
+    def _by_mass(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` ``(V,)`` narrowed to ``</objects>`` or to the regions, whichever side's
+        probabilities (softmax of ``scores`` ``(V,)``) sum higher."""
+        close = self.vocabulary.tags[3]
+        regions = allowed.clone()
+        regions[close] = False
+        if not regions.any():
+            return allowed
+        if torch.logsumexp(scores[regions].float(), 0) > scores[close].float():
+            return regions
+        only_close = torch.zeros_like(allowed)
+        only_close[close] = True
+        return only_close
 
 
 def constrained_processors(

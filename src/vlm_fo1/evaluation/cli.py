@@ -33,6 +33,7 @@ def run_eval(
     device: str | None = None,
     confidence: str = "product",
     constrained: bool = False,
+    stop_by_mass: bool = False,
     ranked: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -45,7 +46,7 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / constrained / ranked / batch_size / max_new_tokens / progress: see :func:`evaluate`.
+        confidence / constrained / stop_by_mass / ranked / batch_size / max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
@@ -73,6 +74,7 @@ def run_eval(
         max_new_tokens=max_new_tokens,
         confidence=confidence,
         constrained=constrained,
+        stop_by_mass=stop_by_mass,
         ranked=ranked,
         progress=progress,
     )

@@ -81,12 +81,14 @@ def generate_answers(
     image_root: str | Path | None,
     max_new_tokens: int,
     constrained: bool = False,
+    stop_by_mass: bool = False,
 ) -> list[GeneratedAnswer]:
     """One batch: encode, generate greedily with logits, decode; raises on any failure.
 
     ``constrained``: decode region-format records under :class:`GroundingConstraint` (only this
     image's regions, well-formed segments, each record's labels from :func:`query_labels`), as
-    the ``Predictor`` does.
+    the ``Predictor`` does; ``stop_by_mass``: the constraint's choice between another region and
+    ``</objects>`` on total probabilities (see ``vlm_fo1.decoding``).
     """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
@@ -98,7 +100,11 @@ def generate_answers(
     if constrained and not any(is_coordinate_record(r) for r in records):
         counts = batch["region_counts"].tolist() if "region_counts" in batch else [0] * len(records)
         constraint = GroundingConstraint.from_processor(
-            processor, counts, row_labels=[query_labels(r) for r in records], max_new_tokens=max_new_tokens
+            processor,
+            counts,
+            row_labels=[query_labels(r) for r in records],
+            max_new_tokens=max_new_tokens,
+            stop_by_mass=stop_by_mass,
         )
         processors = LogitsProcessorList([constraint])
     with torch.no_grad():
@@ -133,19 +139,27 @@ def _run_batch(
     answers: list[GeneratedAnswer | None],
     errors: list[dict[str, Any]],
     constrained: bool = False,
+    stop_by_mass: bool = False,
 ) -> None:
     """Generate for ``indexes``; when the batch fails, retry its records one by one to isolate the bad ones."""
     try:
         results = generate_answers(
-            model, processor, [records[i] for i in indexes], image_root, max_new_tokens, constrained
+            model,
+            processor,
+            [records[i] for i in indexes],
+            image_root,
+            max_new_tokens,
+            constrained,
+            stop_by_mass,
         )
     except Exception as err:  # one bad record must not end the run: it is reported instead
         if len(indexes) > 1:
             logger.info("a batch of %d failed (%r); retrying its records one by one", len(indexes), err)
             for i in indexes:
                 _run_batch(
-                    model, processor, records, [i], image_root, max_new_tokens, answers, errors, constrained
-                )
+                    model, processor, records, [i], image_root, max_new_tokens, answers, errors,
+                    constrained, stop_by_mass,
+                )  # fmt: skip
             return
         logger.warning("record %r failed: %r", records[indexes[0]].id, err)
         errors.append(error_entry(records[indexes[0]], "generation", err))
@@ -204,6 +218,7 @@ def evaluate(
     max_new_tokens: int = 64,
     confidence: str = "product",
     constrained: bool = False,
+    stop_by_mass: bool = False,
     ranked: bool = False,
     progress: bool = True,
 ) -> EvalReport:
@@ -219,6 +234,8 @@ def evaluate(
             all three are reported as ``detection/mAP@<mode>`` anyway.
         constrained: decode under the grounding constraint, as the ``Predictor`` does (see
             :func:`generate_answers`); False: the raw model.
+        stop_by_mass: under the constraint, go on naming regions while they hold more probability
+            together than ``</objects>`` (``vlm_fo1.decoding``; not in the release).
         ranked: also rank every region of each (multi-)detection record for each asked label
             (:func:`vlm_fo1.ranking.rank_regions`, one forward pass per label) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
@@ -247,8 +264,9 @@ def evaluate(
         plan = _plan_batches(records, batch_size)
         for indexes in tqdm(plan, desc="evaluate", disable=not progress):
             _run_batch(
-                model, processor, records, indexes, image_root, max_new_tokens, answers, errors, constrained
-            )
+                model, processor, records, indexes, image_root, max_new_tokens, answers, errors,
+                constrained, stop_by_mass,
+            )  # fmt: skip
         if ranked:
             _rank_detections(model, processor, records, image_root, answers, errors, progress)
     finally:
@@ -262,6 +280,7 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         constrained=constrained,
+        stop_by_mass=stop_by_mass,
         ranked=ranked,
         seconds=round(time.perf_counter() - start, 3),
     )

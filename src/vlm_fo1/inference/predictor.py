@@ -88,6 +88,8 @@ class Predictor:
         max_new_tokens: generation budget of each answer.
         confidence: ``"product"`` (model probability × proposal score), ``"model"`` or ``"proposal"``.
         constrained: decode under the grounding grammar (only existing regions, well-formed tags).
+        stop_by_mass: under the grammar, go on naming regions while they together hold more
+            probability than ``</objects>`` (``vlm_fo1.decoding``; not in the release).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Predictor:
         max_new_tokens: int = 128,
         confidence: str = "product",
         constrained: bool = True,
+        stop_by_mass: bool = False,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -112,6 +115,7 @@ class Predictor:
         self.proposer = proposer
         self.max_new_tokens = max_new_tokens
         self.constrained = constrained
+        self.stop_by_mass = stop_by_mass
         self.vocabulary = GrammarVocabulary.from_processor(processor)
         self._state: ImageState | None = None
 
@@ -258,6 +262,7 @@ class Predictor:
                 labels=labels,
                 free_region_mentions=task in _FREE_MENTION_TASKS,
                 max_new_tokens=self.max_new_tokens,
+                stop_by_mass=self.stop_by_mass,
             )
             processors = LogitsProcessorList([constraint])
         inputs = {k: v for k, v in batch.items() if not (encodings and k in ENCODER_INPUTS)}

@@ -379,6 +379,7 @@ def evaluate_checkpoint(
     limit: int | None = None,
     batch_size: int = 32,
     constrained: bool = False,
+    stop_by_mass: bool = False,
     ranked: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
@@ -389,7 +390,8 @@ def evaluate_checkpoint(
 
     name = (
         f"eval_{Path(records).parent.name}_{Path(records).stem}"
-        f"{'_constrained' if constrained else ''}{'_ranked' if ranked else ''}.json"
+        f"{'_constrained' if constrained else ''}{'_mass' if stop_by_mass else ''}"
+        f"{'_ranked' if ranked else ''}.json"
     )
     target = Path(out) if out is not None else Path(model_dir) / name
     report = run_eval(
@@ -400,6 +402,7 @@ def evaluate_checkpoint(
         limit=limit,
         device="cpu",
         constrained=constrained,
+        stop_by_mass=stop_by_mass,
         ranked=ranked,
         progress=progress,
     )
