@@ -103,6 +103,8 @@ def _run_arm(
     ranked = arm != "coords"  # the coordinate baseline has no regions to rank
     result["val_constrained"] = evaluate_checkpoint(final, val, limit=limit, constrained=True, ranked=ranked)
     result["val_easy"] = evaluate_checkpoint(final, val_easy, limit=limit, constrained=True, ranked=ranked)
+    if arm != "coords":
+        result["val_mass"] = evaluate_checkpoint(final, val, limit=limit, constrained=True, stop_by_mass=True)
     if arm == "hybrid":
         result["recall"] = {
             str(r): evaluate_checkpoint(final, path, constrained=True)["detection/mAP50"]
@@ -160,10 +162,16 @@ def report(results: dict[str, Any]) -> str:
         "referring/acc50",
     )
     lines += _table(arms, present, (*constrained, *RANKED_METRICS), "val_constrained")
+    fo1 = [a for a in present if a != "coords"]
     lines += [
         "",
         "every proposal ranked by its proposal score alone (class-blind), val detection mAP@0.5: "
         f"{results['proposal_ranking_map50']:.3f}",
+        "",
+        "the same decoding with `stop_by_mass` (another region while the regions together outweigh "
+        "`</objects>`):",
+        "",
+        *_table([r for r in arms if "val_mass" in r], fo1, constrained, "val_mass"),
         "",
         "easy scenes (1-2 objects, clean proposals; held-out seed), decoded as the Predictor decodes:",
         "",

@@ -549,6 +549,43 @@ def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(wor
         assert set(labels) <= set(query_labels(record)) and answer.text == single.text
 
 
+def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
+    """Where greedy closes, the totals may go on; they never close earlier, and a region they add
+    is the one greedy ranks first, so each greedy list is a prefix of the stop-by-mass list (the
+    first group of each answer is compared: what follows it starts from different prefixes)."""
+    from vlm_fo1.prompting import tokens as T
+
+    root, records = world
+    chosen = [r for r in records if r.meta["task"] in ("detection", "counting") and len(r.boxes) > 6][:6]
+    assert chosen
+    # A model that opens a segment at once and then prefers </objects> to any single region, but
+    # not to six of them together (e^1.5 < 6): greedy names nothing, the totals go on.
+    ids = processor.tokenizer.convert_tokens_to_ids
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[[ids(T.GROUND_OPEN), ids(T.GROUND_CLOSE)]] = 30.0
+    bias[processor.region_token_ids] = 20.0
+    bias[ids(T.OBJECTS_CLOSE)] = 21.5
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+    try:
+        plain = generate_answers(model, processor, chosen, root, max_new_tokens=40, constrained=True)
+        mass = generate_answers(
+            model, processor, chosen, root, max_new_tokens=40, constrained=True, stop_by_mass=True
+        )
+        report = evaluate(
+            model, processor, chosen, root, max_new_tokens=40, constrained=True, stop_by_mass=True,
+            progress=False,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    lengthened = 0
+    for a, b in zip(plain, mass, strict=True):
+        first, second = (_regions(t.split("</objects>")[0]) for t in (a.text, b.text))
+        assert second[: len(first)] == first, (a.text, b.text)
+        lengthened += len(second) > len(first)
+    assert lengthened == len(chosen), [b.text for b in mass]
+    assert report.settings["stop_by_mass"] is True
+
+
 # -- ranked retrieval -------------------------------------------------------------------------------------
 def test_rank_regions_matches_the_teacher_forced_answer(world, model, processor):
     """The ranking equals the next-token distribution the model gives inside a whole answer

@@ -182,7 +182,8 @@ def test_benchmark_report_formats_every_arm():
         "detection/mAP50@ranked": 0.7,
     }
     arms = [
-        {"arm": arm, "seed": seed, "val": val, "val_constrained": val, "val_easy": val, "recall": {"1.0": 0.5}, "general": val}
+        {"arm": arm, "seed": seed, "val": val, "val_constrained": val, "val_easy": val, "recall": {"1.0": 0.5},
+         "general": val, "val_mass": {"detection/mAP50": 0.6 + seed / 10}}
         for arm in ("hybrid", "vit") for seed in (0, 1)
     ] + [{"arm": "coords", "seed": 0, "val": {"coords/detection/mAP50": 0.1}, "val_constrained": {}, "val_easy": {}}]  # fmt: skip
     results = {
@@ -196,6 +197,10 @@ def test_benchmark_report_formats_every_arm():
     assert "| 1.0 | 0.500 ± 0.000 |" in text
     assert "| detection/mAP50@ranked | 0.700 ± 0.000 | 0.700 ± 0.000 | n/a |" in text
     assert "(class-blind), val detection mAP@0.5: 0.300" in text
+    mass = text.split("`stop_by_mass`")[1]
+    assert (
+        "| metric | hybrid | vit |" in mass and "| detection/mAP50 | 0.650 ± 0.071 | 0.650 ± 0.071 |" in mass
+    )
 
 
 def test_shipped_yaml_configs_shuffle_regions_like_the_recipe():
