@@ -44,6 +44,7 @@ from vlm_fo1.evaluation import (
 from vlm_fo1.evaluation.cli import run_eval
 from vlm_fo1.evaluation.runner import picked_counts, query_labels
 from vlm_fo1.prompting import IM_END
+from vlm_fo1.prompting import templates as P
 from vlm_fo1.synthetic import TASK_NAMES, ProposalConfig, generate_dataset
 
 A, B = (10.0, 10.0, 30.0, 30.0), (50.0, 50.0, 80.0, 70.0)
@@ -587,6 +588,37 @@ def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
 
 
 # -- ranked retrieval -------------------------------------------------------------------------------------
+def test_label_reading_compares_the_asked_and_a_swapped_label(world, model, processor):
+    from vlm_fo1.ranking import label_reading, rank_regions
+
+    root, records = world
+    eligible = [
+        r for r in records
+        if r.meta["task"] == "detection" and not r.meta.get("negative") and len(r.meta["classes"]) == 1
+        and r.meta["target_regions"][r.meta["classes"][0]] and len(r.boxes) > 1
+    ][:3]  # fmt: skip
+    assert eligible
+    classes = ["circle", "square", "triangle", "star", "diamond", "hexagon", "word"]
+    with torch.no_grad():
+        result = label_reading(model, processor, eligible, root, classes)
+        expected = []
+        for r in eligible:
+            label = r.meta["classes"][0]
+            truth = r.meta["target_regions"][label]
+            conversation = [{"role": "user", "content": P.detect(label)}]
+            ranks = rank_regions(model, processor, conversation, r.image_path(root), r.boxes, [label])[label]
+            expected.append(sum(ranks[i] for i in truth) / sum(ranks))
+    assert result.questions == len(eligible)
+    assert result.asked == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert 0.0 < result.swapped < 1.0
+    truth_share = [len(r.meta["target_regions"][r.meta["classes"][0]]) / len(r.boxes) for r in eligible]
+    assert result.uniform == pytest.approx(sum(truth_share) / len(eligible))
+    with pytest.raises(ValueError, match="at least two classes"):
+        label_reading(model, processor, eligible, root, ["circle"])
+    with pytest.raises(ValueError, match="no positive single-class detection record"):
+        label_reading(model, processor, [], root, classes)
+
+
 def test_rank_regions_matches_the_teacher_forced_answer(world, model, processor):
     """The ranking equals the next-token distribution the model gives inside a whole answer
     encoded the training way (the assistant turn in the conversation, right padding)."""

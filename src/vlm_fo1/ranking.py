@@ -16,13 +16,17 @@ not probabilities that a box holds the class.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from vlm_fo1.decoding import label_spellings
+from vlm_fo1.prompting import templates as P
 from vlm_fo1.prompting.tokens import GROUND_CLOSE, GROUND_OPEN, OBJECTS_OPEN
 
 ENCODER_INPUTS = ("pixel_values", "aux_pixel_values", "region_boxes_vit", "region_boxes_aux")
@@ -111,3 +115,66 @@ def rank_regions(
     """
     batch = processor([conversation], images=[image], boxes=[list(boxes)])
     return rank_batch(model, processor, batch.to(next(model.parameters()).device), labels)
+
+
+@dataclass(frozen=True)
+class LabelReading:
+    """Whether a model's first-region ranking follows the asked label (see :func:`label_reading`).
+
+    Attributes:
+        questions: detection questions measured.
+        asked: mean share of the ranking's mass on the asked label's true regions.
+        swapped: the same share when prompt and answer prefix name another class instead.
+        uniform: the share a uniform ranking gives (true regions / candidates).
+    """
+
+    questions: int
+    asked: float
+    swapped: float
+    uniform: float
+
+
+def label_reading(
+    model: Any,
+    processor: Any,
+    records: Sequence[Any],
+    image_root: str | Path | None,
+    classes: Sequence[str],
+    *,
+    seed: int = 0,
+) -> LabelReading:
+    """Rank each positive single-class detection record's regions twice: asked for its class
+    (``P.detect(label)`` and ``<ground>label</ground>…``) and asked for another class drawn from
+    ``classes`` (seeded); compare the mass on the asked class's true regions
+    (``meta["target_regions"]``). A model that reads the question has ``asked > swapped``; one that
+    scores regions without it has ``asked == swapped``.
+
+    Raises:
+        ValueError: fewer than two classes, or no record to measure.
+    """
+    if len(set(classes)) < 2:
+        raise ValueError(f"expected at least two classes to swap between, got {list(classes)}")
+    rng = random.Random(seed)
+    asked, swapped, uniform = [], [], []
+    for record in records:
+        meta = record.meta
+        if meta.get("task") != "detection" or meta.get("negative") or len(meta.get("classes", ())) != 1:
+            continue
+        label = meta["classes"][0]
+        truth = meta.get("target_regions", {}).get(label)
+        if not truth or len(record.boxes) < 2:
+            continue
+        other = rng.choice(sorted(set(classes) - {label}))
+        image = record.image_path(image_root)
+        shares = []
+        for name in (label, other):
+            ranks = rank_regions(model, processor, [{"role": "user", "content": P.detect(name)}], image,
+                                 record.boxes, [name])[name]  # fmt: skip
+            shares.append(sum(ranks[i] for i in truth) / max(sum(ranks), 1e-12))
+        asked.append(shares[0])
+        swapped.append(shares[1])
+        uniform.append(len(truth) / len(record.boxes))
+    if not asked:
+        raise ValueError("no positive single-class detection record with target regions to measure")
+    n = len(asked)
+    return LabelReading(n, sum(asked) / n, sum(swapped) / n, sum(uniform) / n)
