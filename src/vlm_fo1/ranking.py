@@ -166,10 +166,18 @@ def label_reading(
             continue
         other = rng.choice(sorted(set(classes) - {label}))
         image = record.image_path(image_root)
+        device = next(model.parameters()).device
+        encodings: dict[str, Any] = {}
         shares = []
-        for name in (label, other):
-            ranks = rank_regions(model, processor, [{"role": "user", "content": P.detect(name)}], image,
-                                 record.boxes, [name])[name]  # fmt: skip
+        for name in (label, other):  # two prompts about one image: the encoders run once
+            batch = processor(
+                [[{"role": "user", "content": P.detect(name)}]], images=[image], boxes=[record.boxes]
+            )
+            batch = batch.to(device)
+            if not encodings:
+                image_encoding, region_tokens = model.encode_sample(batch)
+                encodings = {"image_encoding": image_encoding, "region_tokens": region_tokens}
+            ranks = rank_batch(model, processor, batch, [name], **encodings)[name]
             shares.append(sum(ranks[i] for i in truth) / max(sum(ranks), 1e-12))
         asked.append(shares[0])
         swapped.append(shares[1])

@@ -12,11 +12,12 @@ many boxes, missing truth …) is listed in ``EvalReport.errors`` and skipped; t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,36 +131,21 @@ def generate_answers(
 
 
 def _run_batch(
-    model: Any,
-    processor: Any,
+    generate: Callable[[list[ConversationRecord]], list[GeneratedAnswer]],
     records: Sequence[ConversationRecord],
     indexes: list[int],
-    image_root: str | Path | None,
-    max_new_tokens: int,
     answers: list[GeneratedAnswer | None],
     errors: list[dict[str, Any]],
-    constrained: bool = False,
-    stop_by_mass: bool = False,
 ) -> None:
-    """Generate for ``indexes``; when the batch fails, retry its records one by one to isolate the bad ones."""
+    """Generate for ``indexes`` (``generate``: :func:`generate_answers` with its settings bound);
+    when the batch fails, retry its records one by one to isolate the bad ones."""
     try:
-        results = generate_answers(
-            model,
-            processor,
-            [records[i] for i in indexes],
-            image_root,
-            max_new_tokens,
-            constrained,
-            stop_by_mass,
-        )
+        results = generate([records[i] for i in indexes])
     except Exception as err:  # one bad record must not end the run: it is reported instead
         if len(indexes) > 1:
             logger.info("a batch of %d failed (%r); retrying its records one by one", len(indexes), err)
             for i in indexes:
-                _run_batch(
-                    model, processor, records, [i], image_root, max_new_tokens, answers, errors,
-                    constrained, stop_by_mass,
-                )  # fmt: skip
+                _run_batch(generate, records, [i], answers, errors)
             return
         logger.warning("record %r failed: %r", records[indexes[0]].id, err)
         errors.append(error_entry(records[indexes[0]], "generation", err))
@@ -261,12 +247,17 @@ def evaluate(
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        plan = _plan_batches(records, batch_size)
-        for indexes in tqdm(plan, desc="evaluate", disable=not progress):
-            _run_batch(
-                model, processor, records, indexes, image_root, max_new_tokens, answers, errors,
-                constrained, stop_by_mass,
-            )  # fmt: skip
+        generate = functools.partial(
+            generate_answers,
+            model,
+            processor,
+            image_root=image_root,
+            max_new_tokens=max_new_tokens,
+            constrained=constrained,
+            stop_by_mass=stop_by_mass,
+        )
+        for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
+            _run_batch(generate, records, indexes, answers, errors)
         if ranked:
             _rank_detections(model, processor, records, image_root, answers, errors, progress)
     finally:

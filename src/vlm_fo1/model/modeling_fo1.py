@@ -364,11 +364,9 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         if region_pointer_keys is not None:
             outputs.logits = self._add_pointer_logits(outputs.logits, hidden, region_pointer_keys)
             outputs["region_pointer_keys"] = region_pointer_keys
-        if labels is not None:
-            outputs.loss = F.cross_entropy(
-                outputs.logits[:, :-1].float().flatten(0, 1),
-                labels[:, 1:].to(outputs.logits.device).flatten(),
-                ignore_index=-100,
+        if labels is not None:  # the base model's own loss, on the logits with the pointer scores
+            outputs.loss = self.vlm.loss_function(
+                logits=outputs.logits, labels=labels, vocab_size=outputs.logits.shape[-1], **kwargs
             )
         return outputs
 
