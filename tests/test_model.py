@@ -286,6 +286,116 @@ def test_region_pointer_cached_generation_matches_full_forward(processor, tokeni
     assert set(out.sequences[0, width:].tolist()) & set(model.config.region_token_ids[:3])
 
 
+def test_region_pointer_label_options_are_validated(tokenizer):
+    with pytest.raises(ValueError, match="region_pointer_label needs region_pointer=True"):
+        tiny_config(tokenizer, region_pointer_label=True)
+    with pytest.raises(ValueError, match="needs ground_token_ids"):
+        tiny_config(tokenizer, region_pointer=True, region_pointer_label=True, ground_token_ids=None)
+    with pytest.raises(ValueError, match="2 ids of <ground> and </ground>"):
+        tiny_config(tokenizer, ground_token_ids=[5])
+    assert tiny_config(tokenizer).ground_token_ids == tokenizer.convert_tokens_to_ids(
+        ["<ground>", "</ground>"]
+    )
+
+
+def _label_pointer(tokenizer):
+    """The pointer pair's weights with the asked label in the query and a random pointer matrix."""
+    plain, _ = _pointer_pair(tokenizer)
+    model = tiny_model(tiny_config(tokenizer, region_pointer=True, region_pointer_label=True), seed=3)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    torch.nn.init.normal_(model.region_pointer.weight, std=0.5)
+    return plain.eval(), model.eval()
+
+
+TWO_SPANS = "<ground>cat</ground><objects><region1></objects><ground>dog</ground><objects><region2></objects>"
+
+
+def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(processor, tokenizer, image):
+    plain, model = _label_pointer(tokenizer)
+    conversation = [
+        {"role": "user", "content": P.detect(["cat", "dog"])},
+        {"role": "assistant", "content": TWO_SPANS},
+    ]
+    batch = processor(conversation, images=image, boxes=BOXES)
+    with torch.no_grad():
+        base = plain(**batch, output_hidden_states=True)
+        logits = model(**batch).logits
+    ids = batch["input_ids"][0].tolist()
+    hidden = base.hidden_states[-1][0]  # (T, D): the stock model's last (normed) hidden states
+    table = plain.get_input_embeddings().weight
+    open_id, close_id = model.config.ground_token_ids
+    # The reference label by hand: each span's token embeddings, averaged and RMS-normalised.
+    label, labels = None, torch.zeros_like(hidden)
+    for t, token in enumerate(ids):
+        if token == open_id:
+            start = t
+        elif token == close_id:
+            mean = table[ids[start + 1 : t]].mean(0)
+            label = mean / mean.pow(2).mean().sqrt()
+        if label is not None:
+            labels[t] = label
+    closes = [t for t, token in enumerate(ids) if token == close_id]
+    assert len(closes) == 2 and not torch.equal(labels[closes[0]], labels[closes[1]])
+    regions = hidden[batch["input_ids"][0] == processor.region_feature_token_id]  # (3, D)
+    weight = model.region_pointer.weight
+    expected = (hidden + labels) @ weight @ regions.T / hidden.shape[-1] ** 0.5  # (T, 3)
+    region_ids = model.config.region_token_ids[:3]
+    torch.testing.assert_close(logits[0][:, region_ids] - base.logits[0][:, region_ids], expected)
+
+
+class _Force:
+    """A logits processor that makes generation emit ``tokens`` first, then argmax."""
+
+    def __init__(self, tokens: list[int], start: int) -> None:
+        self.tokens, self.start = tokens, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.start
+        if step < len(self.tokens):
+            scores = torch.full_like(scores, -1e9)
+            scores[:, self.tokens[step]] = 0
+        return scores
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_region_pointer_label_generation_matches_one_full_forward(processor, tokenizer, image, use_cache):
+    _, model = _label_pointer(tokenizer)
+    batch = processor(P.detect(["cat", "dog"]), images=image, boxes=BOXES)
+    width = batch["input_ids"].shape[1]
+    forced = tokenizer.encode("<ground>cat</ground><objects><region1></objects><ground>dog</ground>")
+    carried = []  # per forward: was a span state from an earlier forward handed in?
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: carried.append(kwargs.get("region_pointer_label_state") is not None),
+        with_kwargs=True,
+    )
+    out = model.generate(
+        **batch,
+        max_new_tokens=len(forced) + 3,
+        do_sample=False,
+        use_cache=use_cache,
+        logits_processor=[_Force(forced, width)],
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert out.sequences[0, width : width + len(forced)].tolist() == forced
+    assert carried == [False] + [use_cache] * (len(carried) - 1)  # a re-read sequence starts afresh
+    full = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    full["input_ids"] = out.sequences[:, :-1]
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    with torch.no_grad():
+        reference = model(**full).logits[0, width - 1 :]  # every step from one uncached pass
+    steps = torch.stack([step[0] for step in out.logits])  # the raw logits, before forcing
+    torch.testing.assert_close(steps, reference, rtol=1e-4, atol=1e-4)
+    # The label moved the region scores: without it the steps after </ground> score differently.
+    model.config.region_pointer_label = False
+    with torch.no_grad():
+        unlabelled = model(**full).logits[0, width - 1 :]
+    after = forced.index(model.config.ground_token_ids[1]) + 1
+    region_ids = model.config.region_token_ids[:3]
+    assert not torch.allclose(unlabelled[after:, region_ids], reference[after:, region_ids])
+    torch.testing.assert_close(unlabelled[:after], reference[:after])
+
+
 def test_region_pointer_loss_is_the_cross_entropy_of_its_logits(processor, tokenizer, image):
     _, model = _pointer_pair(tokenizer)
     conversation = [

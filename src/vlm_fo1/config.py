@@ -71,12 +71,19 @@ class FO1Config(PreTrainedConfig):
             between the answer position's last hidden state and region N's last hidden state
             (``h_t · W h_N / sqrt(D)``, ``W`` zero-initialised), so naming a region points at
             its token's content instead of being a token the LM head must learn per index.
+        region_pointer_label: not in the release; with ``region_pointer``, the query at each
+            position adds the label of the latest closed ``<ground>…</ground>`` span before it
+            (the mean input embedding of its tokens, RMS-normalised), so the regions the answer
+            names are chosen with the words it was asked about (``h_t + ê_t``); needs
+            ``ground_token_ids``.
 
         max_regions: maximum number of boxes per image (the number of ``<regionN>`` tokens).
         region_feature_token / region_token_template: the placeholder and region name strings.
         region_feature_token_id: id of the placeholder in the tokenizer (set with the tokenizer).
         region_token_ids: ids of ``<region0>``… in order (set with the tokenizer; used for
             constrained decoding and confidences).
+        ground_token_ids: ids of ``<ground>`` and ``</ground>`` (set with the tokenizer; used by
+            ``region_pointer_label``).
     """
 
     model_type = "vlm_fo1"
@@ -104,11 +111,13 @@ class FO1Config(PreTrainedConfig):
     region_token_norm: str | None = None
     region_name_embedding: bool = False
     region_pointer: bool = False
+    region_pointer_label: bool = False
     max_regions: int = T.DEFAULT_MAX_REGIONS
     region_feature_token: str = T.REGION_FEATURE_TOKEN
     region_token_template: str = T.REGION_TOKEN_TEMPLATE
     region_feature_token_id: int | None = None
     region_token_ids: list[int] | tuple[int, ...] | None = None
+    ground_token_ids: list[int] | tuple[int, ...] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -122,6 +131,8 @@ class FO1Config(PreTrainedConfig):
             self.vit_feature_blocks = [int(b) for b in self.vit_feature_blocks]
         if self.region_token_ids is not None:
             self.region_token_ids = [int(i) for i in self.region_token_ids]
+        if self.ground_token_ids is not None:
+            self.ground_token_ids = [int(i) for i in self.ground_token_ids]
         self.validate_fo1()
 
     def validate_fo1(self) -> None:
@@ -150,6 +161,15 @@ class FO1Config(PreTrainedConfig):
         for name in ("region_name_embedding", "region_pointer"):
             if getattr(self, name) and self.region_token_ids is None:
                 raise ValueError(f"FO1Config.{name} needs region_token_ids (the <regionN> ids)")
+        if self.region_pointer_label and not self.region_pointer:
+            raise ValueError("FO1Config.region_pointer_label needs region_pointer=True, got False")
+        if self.region_pointer_label and self.ground_token_ids is None:
+            raise ValueError("FO1Config.region_pointer_label needs ground_token_ids (<ground>, </ground>)")
+        if self.ground_token_ids is not None and len(self.ground_token_ids) != 2:
+            raise ValueError(
+                f"FO1Config.ground_token_ids must be the 2 ids of <ground> and </ground>, "
+                f"got {self.ground_token_ids}"
+            )
         if self.region_token_ids is not None and len(self.region_token_ids) != self.max_regions:
             raise ValueError(
                 f"FO1Config.region_token_ids must have max_regions={self.max_regions} ids, "

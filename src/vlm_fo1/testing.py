@@ -17,7 +17,7 @@ from vlm_fo1.config import FO1Config
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
 from vlm_fo1.prompting import tokens as T
-from vlm_fo1.tokenization import build_tiny_tokenizer
+from vlm_fo1.tokenization import build_tiny_tokenizer, fo1_token_ids
 
 TINY_MAX_REGIONS = 32
 
@@ -72,7 +72,6 @@ TINY_DAVIT_KWARGS = dict(embed_dims=(16, 32, 48, 64), num_heads=(2, 2, 2, 2), de
 def tiny_config(tokenizer: Any | None = None, **overrides: Any) -> FO1Config:
     """A tiny ``FO1Config`` (Qwen2.5-VL + Florence-style DaViT) wired to ``tokenizer``'s ids."""
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
-    region_ids = [tokenizer.convert_tokens_to_ids(t) for t in T.region_tokens(TINY_MAX_REGIONS)]
     settings: dict[str, Any] = dict(
         base_config=tiny_base_config(tokenizer),
         aux_encoder_name="davit_huge_fl",
@@ -81,14 +80,9 @@ def tiny_config(tokenizer: Any | None = None, **overrides: Any) -> FO1Config:
         fpn_channels=16,
         roi_output_size=4,
         max_regions=TINY_MAX_REGIONS,
-        region_feature_token_id=tokenizer.convert_tokens_to_ids(T.REGION_FEATURE_TOKEN),
-        region_token_ids=region_ids,
+        **fo1_token_ids(tokenizer, overrides.get("max_regions", TINY_MAX_REGIONS)),
     )
     settings.update(overrides)
-    if "max_regions" in overrides and "region_token_ids" not in overrides:
-        settings["region_token_ids"] = [
-            tokenizer.convert_tokens_to_ids(t) for t in T.region_tokens(settings["max_regions"])
-        ]
     return FO1Config(**settings)
 
 
@@ -124,8 +118,7 @@ def full_size_config(tokenizer: Any | None = None, **overrides: Any) -> FO1Confi
         fpn_channels=512,
         roi_output_size=7,
         max_regions=T.DEFAULT_MAX_REGIONS,
-        region_feature_token_id=tokenizer.convert_tokens_to_ids(T.REGION_FEATURE_TOKEN),
-        region_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in T.region_tokens(T.DEFAULT_MAX_REGIONS)],
+        **fo1_token_ids(tokenizer, T.DEFAULT_MAX_REGIONS),
     )
     settings.update(overrides)
     return FO1Config(**settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
@@ -75,6 +76,19 @@ def check_fo1_tokens(tokenizer: Qwen2Tokenizer, max_regions: int) -> dict[str, i
             "Call vlm_fo1.tokenization.add_fo1_tokens(tokenizer) and resize the model's embeddings."
         )
     return result
+
+
+def fo1_token_ids(tokenizer: Qwen2Tokenizer, max_regions: int) -> dict[str, Any]:
+    """``FO1Config``'s token-id fields read from ``tokenizer``: ``region_feature_token_id``,
+    ``region_token_ids`` (``max_regions`` ids) and ``ground_token_ids`` (None unless ``<ground>``
+    and ``</ground>`` are both tokens)."""
+    vocab = tokenizer.get_vocab()
+    ground = [vocab.get(tag) for tag in (T.GROUND_OPEN, T.GROUND_CLOSE)]
+    return dict(
+        region_feature_token_id=vocab[T.REGION_FEATURE_TOKEN],
+        region_token_ids=[vocab[name] for name in T.region_tokens(max_regions)],
+        ground_token_ids=None if None in ground else ground,
+    )
 
 
 def _train_bpe(corpus: Sequence[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:

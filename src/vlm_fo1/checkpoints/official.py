@@ -24,6 +24,7 @@ from transformers.initialization import no_init_weights
 from vlm_fo1.config import FO1Config
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.prompting import tokens as T
+from vlm_fo1.tokenization import fo1_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -339,12 +340,11 @@ def official_tokenizer(path: str | Path, max_regions: int = T.DEFAULT_MAX_REGION
 
 
 def _set_token_ids(config: FO1Config, tokenizer: Any) -> None:
-    vocab = tokenizer.get_vocab()
     rows = int(config.text_config.vocab_size)
     if len(tokenizer) > rows:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embedding table only {rows} rows")
-    config.region_feature_token_id = vocab[T.REGION_FEATURE_TOKEN]
-    config.region_token_ids = [vocab[n] for n in T.region_tokens(config.max_regions)]
+    for name, value in fo1_token_ids(tokenizer, config.max_regions).items():
+        setattr(config, name, value)
 
 
 def load_official_processor(path: str | Path) -> Any:

@@ -24,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from vlm_fo1.config import FO1Config
 from vlm_fo1.model.adapters import ImageEncoding, capture_outputs, get_adapter
 from vlm_fo1.model.aux_encoder import aux_feature_geometry, build_aux_encoder, encode_aux
+from vlm_fo1.model.label_spans import LabelSpanState, track_label_spans
 from vlm_fo1.model.region_encoder import HybridRegionEncoder, build_connector
 
 # Inputs used only when the prompt is first processed (dropped on cached decoding steps).
@@ -297,6 +298,7 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         image_encoding: ImageEncoding | None = None,
         region_tokens: torch.Tensor | None = None,
         region_pointer_keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+        region_pointer_label_state: LabelSpanState | None = None,
         **kwargs: Any,
     ) -> Any:
         """Logits (and loss with ``labels``) of the base VLM with region tokens spliced in.
@@ -314,6 +316,8 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             region_pointer_keys: with ``region_pointer``, the keys of the prompt's regions from an
                 earlier forward (``outputs["region_pointer_keys"]``; generation carries them to
                 cached decoding steps, whose inputs no longer hold the regions).
+            region_pointer_label_state: with ``region_pointer_label``, the ``<ground>`` spans read
+                by earlier forwards (``outputs["region_pointer_label_state"]``; carried likewise).
         """
         encoding = image_encoding
         if encoding is None and pixel_values is not None:
@@ -359,10 +363,15 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         with capture_outputs([self.adapter.final_norm(self.vlm)]) as captured:
             outputs = self.adapter.forward(self.vlm, encoding, **call)
         hidden = captured[0]  # (B, T, D): what the LM head reads
+        queries = hidden
+        if self.config.region_pointer_label:
+            queries, outputs["region_pointer_label_state"] = self._label_queries(
+                input_ids, hidden, region_pointer_label_state
+            )
         if has_regions:
             region_pointer_keys = self._pointer_keys(input_ids, hidden, region_counts)
         if region_pointer_keys is not None:
-            outputs.logits = self._add_pointer_logits(outputs.logits, hidden, region_pointer_keys)
+            outputs.logits = self._add_pointer_logits(outputs.logits, queries, region_pointer_keys)
             outputs["region_pointer_keys"] = region_pointer_keys
         if labels is not None:  # the base model's own loss, on the logits with the pointer scores
             outputs.loss = self.vlm.loss_function(
@@ -384,13 +393,25 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         keys[valid] = states
         return self.region_pointer(keys), valid
 
+    def _label_queries(
+        self, input_ids: torch.Tensor | None, hidden: torch.Tensor, state: LabelSpanState | None
+    ) -> tuple[torch.Tensor, LabelSpanState]:
+        """Pointer queries ``h_t + ê_t`` ``(B, T, D)`` (``ê_t``: see ``model.label_spans``) and the
+        span state after this forward's tokens."""
+        if input_ids is None:
+            raise ValueError("region_pointer_label reads the <ground> spans from input_ids, got None")
+        open_id, close_id = self.config.ground_token_ids
+        embeddings = self.get_input_embeddings()(input_ids)
+        labels, _, state = track_label_spans(input_ids, embeddings, open_id, close_id, state)
+        return hidden + labels.to(hidden.dtype), state
+
     def _add_pointer_logits(
-        self, logits: torch.Tensor, hidden: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor]
+        self, logits: torch.Tensor, queries: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """``logits`` ``(B, L, V)`` with ``h_t · k_N / sqrt(D)`` added to each valid ``<regionN>``
-        column; ``hidden`` ``(B, T, D)`` with ``T ≥ L`` (the last ``L`` positions are scored)."""
+        """``logits`` ``(B, L, V)`` with ``q_t · k_N / sqrt(D)`` added to each valid ``<regionN>``
+        column; ``queries`` ``(B, T, D)`` with ``T ≥ L`` (the last ``L`` positions are scored)."""
         projected, valid = keys
-        queries = hidden[:, hidden.shape[1] - logits.shape[1] :]  # (B, L, D)
+        queries = queries[:, queries.shape[1] - logits.shape[1] :]  # (B, L, D)
         scores = torch.einsum("bld,bnd->bln", queries, projected) / projected.shape[-1] ** 0.5
         scores = scores * valid[:, None, :].to(scores.dtype)  # (B, L, N_max)
         ids = torch.tensor(self.config.region_token_ids[: scores.shape[-1]], device=logits.device)
@@ -406,8 +427,9 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         self, outputs: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> dict[str, Any]:
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if "region_pointer_keys" in outputs:  # the prompt's region keys for the cached steps
-            model_kwargs["region_pointer_keys"] = outputs["region_pointer_keys"]
+        for name in ("region_pointer_keys", "region_pointer_label_state"):  # for the cached steps
+            if name in outputs:
+                model_kwargs[name] = outputs[name]
         return model_kwargs
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -417,4 +439,6 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         if not first and use_cache:
             for name in (*REGION_INPUT_NAMES, "pixel_values", "image_grid_thw"):
                 inputs.pop(name, None)
+        else:  # the whole sequence is read again: its <ground> spans too
+            inputs.pop("region_pointer_label_state", None)
         return inputs

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_fo1.config import FO1Config
-from vlm_fo1.prompting import tokens as T
 from vlm_fo1.testing import tiny_base_config, tiny_config
-from vlm_fo1.tokenization import build_tiny_tokenizer
+from vlm_fo1.tokenization import build_tiny_tokenizer, fo1_token_ids
 
 MINIATURE_MAX_REGIONS = 32
 PRESETS = ("mini", "tiny")
@@ -54,8 +53,7 @@ def mini_config(tokenizer: Any, init_range: float = 0.02, **overrides: Any) -> F
         fpn_channels=32,
         roi_output_size=4,
         max_regions=MINIATURE_MAX_REGIONS,
-        region_feature_token_id=tokenizer.convert_tokens_to_ids(T.REGION_FEATURE_TOKEN),
-        region_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in T.region_tokens(MINIATURE_MAX_REGIONS)],
+        **fo1_token_ids(tokenizer, MINIATURE_MAX_REGIONS),
     )
     settings.update(overrides)
     return FO1Config(**settings)
