@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,6 +261,20 @@ def test_region_source_override_with_fresh_region_side(stage0, data_dir, tmp_pat
     saved = json.loads((out / "config.json").read_text())
     assert saved["region_source"] == "vit"
     assert not any(k.startswith("aux_encoder.") for k in load_file(out / "model.safetensors"))
+
+
+def test_fresh_region_side_takes_token_ids_from_the_tokenizer(stage0, tmp_path):
+    """A base saved before a token-id field existed (here: ground_token_ids removed) still gets it."""
+    old = tmp_path / "old-base"
+    shutil.copytree(stage0, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["ground_token_ids"]
+    (old / "config.json").write_text(json.dumps(saved))
+    overrides = {"region_pointer": True, "region_pointer_label": True}
+    config = _config(Path("."), Path("x"), 1, old, model={"keep": "vlm", "overrides": overrides})
+    model, processor = init_model(run_config_from_dict(config))
+    expected = processor.tokenizer.convert_tokens_to_ids(["<ground>", "</ground>"])
+    assert model.config.ground_token_ids == expected and model.config.region_pointer_label
 
 
 def _run_cli(config_path: Path, *extra: str) -> subprocess.Popen:

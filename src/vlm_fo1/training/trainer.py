@@ -31,6 +31,7 @@ from vlm_fo1.data.collate import FO1Collator, RecordDataset
 from vlm_fo1.data.records import ConversationRecord, pack_conversations, permute_regions, read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
+from vlm_fo1.tokenization import fo1_token_ids
 from vlm_fo1.training.config import DataSpec, RunConfig
 from vlm_fo1.training.presets import miniature_tokenizer, preset_config
 from vlm_fo1.training.stages import REGION_SIDE, TrainableSummary, configure_trainable, merge_lora
@@ -191,7 +192,9 @@ def init_model(config: RunConfig) -> tuple[FO1ForConditionalGeneration, FO1Proce
         model = FO1ForConditionalGeneration.from_pretrained(spec.init, **spec.overrides)
     else:
         source = FO1ForConditionalGeneration.from_pretrained(spec.init)
-        fo1_config = FO1Config.from_dict({**source.config.to_dict(), **spec.overrides})
+        regions = spec.overrides.get("max_regions", source.config.max_regions)
+        ids = fo1_token_ids(loaded.tokenizer, regions)  # the tokenizer's, not an older config's
+        fo1_config = FO1Config.from_dict({**source.config.to_dict(), **ids, **spec.overrides})
         model = FO1ForConditionalGeneration(fo1_config)
         model.vlm.load_state_dict(source.vlm.state_dict())
     settings = {**loaded.settings(), "max_regions": model.config.max_regions}
