@@ -74,7 +74,7 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
         assert (tmp_path / "hybrid" / phase / "config.json").is_file()
     config = json.loads((hybrid / "config.json").read_text())
     assert config["region_token_norm"] == "batch" and config["region_name_embedding"] is True
-    assert config["region_pointer"] is True
+    assert config["region_pointer"] is True and config["region_pointer_label"] is True
     no_neg = train_fo1(
         world,
         base,

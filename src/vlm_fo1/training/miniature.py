@@ -46,8 +46,9 @@ FO1_OVERRIDES = {
     "region_token_norm": "batch",
     "region_name_embedding": True,
     "region_pointer": True,
+    "region_pointer_label": True,
 }
-"""Model options of the miniature FO1 arms (see ``FO1Config``; the last three are not in the release)."""
+"""Model options of the miniature FO1 arms (see ``FO1Config``; the last four are not in the release)."""
 
 
 @dataclass(frozen=True)
