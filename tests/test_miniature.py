@@ -253,9 +253,10 @@ def test_reduced_recipe_learns_to_retrieve_regions(tmp_path):
     print(
         f"mAP50 {metrics['detection/mAP50']:.3f} vs chance {chance:.3f}; REC {metrics['referring/acc50']:.3f} vs {rec_chance:.3f}"
     )
-    # Measured (seeded, CPU, 2 torch threads): mAP50 0.456 against 0.348 by chance, REC 0.791
-    # against 0.628 (before the region pointer: 0.371 against 0.329, REC 0.767-0.791).
-    assert metrics["detection/mAP50"] > chance + 0.05
+    # Measured (seeded, CPU, 2 torch threads): mAP50 0.488 against 0.310 by chance, REC 0.767
+    # against 0.628 (pointer without the label: 0.456 against 0.348, REC 0.791; no pointer: 0.371
+    # against 0.329).
+    assert metrics["detection/mAP50"] > chance + 0.1
     assert metrics["referring/acc50"] > rec_chance + 0.1
 
 
