@@ -87,22 +87,15 @@ def track_label_spans(
     inside_before = torch.where(  # a span is open just before t
         marker_before >= 0, _at(opens, marker_before), state.inside[:, None].expand(-1, length)
     )
-    content = (inside_before & ~markers).float()  # (B, T)
-    sums = (embeddings.float() * content[..., None]).cumsum(dim=1)  # (B, T, D)
-    counts = content.cumsum(dim=1)  # (B, T)
+    content = (inside_before & ~markers).float()[..., None]  # (B, T, 1)
+    weighted = torch.cat([embeddings.float(), torch.ones_like(content)], dim=-1) * content
+    cumulative = weighted.cumsum(dim=1)  # (B, T, D + 1): content embeddings summed, and counted
+    carried = torch.cat([state.span_sum, state.span_count[:, None]], dim=-1)[:, None, :]
     last_open = _latest(opens)
-
-    def since_open(cumulative: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
-        """Totals of the open span's content up to each t (the span opened in this chunk or before)."""
-        if cumulative.dim() == 3:
-            opened = (last_open >= 0)[..., None]
-            carried = carried[:, None, :]
-        else:
-            opened = last_open >= 0
-            carried = carried[:, None]
-        return torch.where(opened, cumulative - _at(cumulative, last_open), carried + cumulative)
-
-    span_sums, span_counts = since_open(sums, state.span_sum), since_open(counts, state.span_count)
+    span = torch.where(  # the open span's totals up to t (opened in this chunk or before it)
+        (last_open >= 0)[..., None], cumulative - _at(cumulative, last_open), carried + cumulative
+    )
+    span_sums, span_counts = span[..., :-1], span[..., -1]
     sets = closes & inside_before & (span_counts > 0)  # a non-empty span closes here
     means = span_sums / span_counts.clamp(min=1)[..., None]
     means = means * means.pow(2).mean(dim=-1, keepdim=True).clamp(min=1e-12).rsqrt()
