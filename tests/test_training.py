@@ -21,9 +21,10 @@ from vlm_fo1.data.records import read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.synthetic import ProposalConfig, TaskMix, generate_dataset
 from vlm_fo1.training import configure_trainable, load_run_config, merge_lora, run_config_from_dict, train
+from vlm_fo1.training.losses import region_token_loss
 from vlm_fo1.training.perception import pretrain_region_perception, read_scene_regions
 from vlm_fo1.training.stages import fo1_token_ids
-from vlm_fo1.training.trainer import init_model, weighted_token_loss
+from vlm_fo1.training.trainer import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,7 @@ def test_region_loss_weight_matches_the_model_loss_and_upweights_region_tokens(s
     with torch.no_grad():
         out = model(**batch)
     ids = model.config.region_token_ids
-    torch.testing.assert_close(weighted_token_loss(out.logits, batch["labels"], ids, 1.0), out.loss)
+    torch.testing.assert_close(region_token_loss(out.logits, batch["labels"], ids, 1.0), out.loss)
     targets = batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(
         out.logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
@@ -200,10 +201,12 @@ def test_region_loss_weight_matches_the_model_loss_and_upweights_region_tokens(s
     # a huge weight leaves (almost) only the region tokens' mean
     only_regions = per_token[region].mean()
     torch.testing.assert_close(
-        weighted_token_loss(out.logits, batch["labels"], ids, 1e6), only_regions, rtol=1e-3, atol=1e-4
+        region_token_loss(out.logits, batch["labels"], ids, 1e6), only_regions, rtol=1e-3, atol=1e-4
     )
     with pytest.raises(ValueError, match="region_loss_weight must be a positive number"):
         run_config_from_dict(_config(data_dir, Path("x"), 1, stage0, optim={"region_loss_weight": 0}))
+    with pytest.raises(ValueError, match="region_set_loss must be a bool"):
+        run_config_from_dict(_config(data_dir, Path("x"), 1, stage0, optim={"region_set_loss": "yes"}))
 
 
 def test_lora_trains_and_merges(stage0, data_dir):

@@ -98,6 +98,9 @@ class OptimSpec:
             encoder, connector), which starts from scratch.
         region_loss_weight: weight of each ``<regionN>`` answer token in the loss (1: the plain
             mean over answer tokens).
+        region_set_loss: train each ``<regionN>`` target on the set of regions still to be named
+            in its ``<objects>`` list, not on the one listed next (``training.losses``; not in the
+            release).
     """
 
     steps: int = 300
@@ -111,6 +114,7 @@ class OptimSpec:
     num_workers: int = 0
     region_lr_scale: float = 1.0
     region_loss_weight: float = 1.0
+    region_set_loss: bool = False
 
 
 @dataclass
@@ -151,6 +155,8 @@ class RunConfig:
             value = getattr(self.optim, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"optim.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.optim.region_set_loss, bool):
+            raise ValueError(f"optim.region_set_loss must be a bool, got {self.optim.region_set_loss!r}")
         share = self.data.shuffle_regions
         if not isinstance(share, (bool, int, float)) or not 0 <= share <= 1:
             raise ValueError(f"data.shuffle_regions must be a share in [0, 1] or a bool, got {share!r}")

@@ -99,6 +99,8 @@ class Recipe:
     batch_size: int = 16
     lr: float = 1e-3
     region_loss_weight: float = 5.0
+    region_set_loss: bool = False
+    """Train each region target on the set of regions still to be named (``training.losses``)."""
     shuffle_regions: float = 1.0
     pack_turns: int = 1
     easy_tasks: tuple[str, ...] | None = None
@@ -228,6 +230,7 @@ def _stage(
             "batch_size": recipe.batch_size,
             "lr": recipe.lr,
             "region_loss_weight": recipe.region_loss_weight,
+            "region_set_loss": recipe.region_set_loss,
         },
         "output": {"dir": str(out), "save_steps": steps, "logging_steps": 25, "keep": 1},
     }

@@ -15,13 +15,11 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -33,6 +31,7 @@ from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
 from vlm_fo1.tokenization import fo1_token_ids
 from vlm_fo1.training.config import DataSpec, RunConfig
+from vlm_fo1.training.losses import region_token_loss
 from vlm_fo1.training.presets import miniature_tokenizer, preset_config
 from vlm_fo1.training.stages import REGION_SIDE, TrainableSummary, configure_trainable, merge_lora
 
@@ -63,28 +62,6 @@ class TrainResult:
         }
 
 
-def weighted_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, token_ids: Sequence[int], weight: float
-) -> torch.Tensor:
-    """Next-token cross-entropy where targets in ``token_ids`` count ``weight`` times.
-
-    Args:
-        logits: ``(B, L, V)``; position t predicts ``labels[:, t + 1]``.
-        labels: ``(B, L)`` with -100 where nothing is trained.
-        token_ids: the up-weighted ids (the ``<regionN>`` tokens).
-        weight: their weight (1: the usual mean over trained tokens).
-    Returns:
-        the weighted mean, a scalar (0 when no token is trained).
-    """
-    targets = labels[:, 1:].to(logits.device)
-    losses = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
-    )  # (B, L-1)
-    special = torch.isin(targets, torch.tensor(list(token_ids), device=targets.device))
-    weights = (targets != -100).float() * torch.where(special, float(weight), 1.0)
-    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
-
-
 class FO1Trainer(Trainer):
     """``Trainer`` with atomic checkpoints and no weight decay on row-masked embeddings."""
 
@@ -111,19 +88,24 @@ class FO1Trainer(Trainer):
 
     region_lr_scale: float = 1.0
     region_loss_weight: float = 1.0
+    region_set_loss: bool = False
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The model's loss, or with ``region_loss_weight != 1`` a token-weighted cross-entropy in
-        which every ``<regionN>`` target counts ``region_loss_weight`` times (the choice of region
-        is a few tokens of each answer; the rest is grammar and labels, learnt much sooner)."""
-        if self.region_loss_weight == 1.0:
+        """The model's loss, or with ``region_loss_weight != 1`` or ``region_set_loss`` the loss of
+        ``training.losses.region_token_loss``: every ``<regionN>`` target counts
+        ``region_loss_weight`` times (the choice of region is a few tokens of each answer; the rest
+        is grammar and labels, learnt much sooner), and is trained on the set of regions still to
+        be named with ``region_set_loss``."""
+        if self.region_loss_weight == 1.0 and not self.region_set_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         ids = self.model.config.region_token_ids
-        loss = weighted_token_loss(outputs.logits, labels, ids, self.region_loss_weight)
+        loss = region_token_loss(
+            outputs.logits, labels, ids, self.region_loss_weight, set_targets=self.region_set_loss
+        )
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: Any = None) -> Any:
@@ -335,6 +317,7 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     )
     trainer.region_lr_scale = config.optim.region_lr_scale
     trainer.region_loss_weight = config.optim.region_loss_weight
+    trainer.region_set_loss = config.optim.region_set_loss
     resume = get_last_checkpoint(str(out)) if config.output.resume and out.exists() else None
     if resume:
         logger.info("resuming from %s", resume)

@@ -1,0 +1,62 @@
+"""Answer losses of the region tokens: up-weighting, and the order-free set loss.
+
+An answer names its boxes in increasing index order (``<objects><region2><region7></objects>``).
+Plain next-token cross-entropy then trains "region 2, not region 7" at the first position and
+"region 7, not region 2" at the second, although both are right answers to "which box next":
+the order is a fact about the indexes, not about the boxes' content, and a content-based
+pointer cannot follow it. :func:`region_token_loss` with ``set_targets=True`` trains each region
+position on the set of boxes still to be named instead (the target and the regions after it in
+the same run of region targets): ``-log Σ_{r ∈ remaining} p(r)``. Boxes already named stay in
+the softmax and are pushed down, so a model learns to name each matching box once, in any order,
+and ``</objects>`` once none remains (what ``stop_by_mass`` decoding then reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def region_token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_ids: Sequence[int],
+    weight: float = 1.0,
+    *,
+    set_targets: bool = False,
+) -> torch.Tensor:
+    """Next-token cross-entropy where targets in ``token_ids`` count ``weight`` times.
+
+    Args:
+        logits: ``(B, L, V)``; position t predicts ``labels[:, t + 1]``.
+        labels: ``(B, L)`` with -100 where nothing is trained.
+        token_ids: the region token ids (``<regionN>``).
+        weight: their weight (1: the usual mean over trained tokens).
+        set_targets: train each region target on the set of regions still to be named in its
+            run of consecutive region targets (module docstring) instead of the one listed next.
+    Returns:
+        the weighted mean, a scalar (0 when no token is trained).
+    """
+    targets = labels[:, 1:].to(logits.device)  # (B, L-1)
+    scores = logits[:, :-1].float()  # (B, L-1, V)
+    losses = F.cross_entropy(scores.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    special = torch.isin(targets, torch.tensor(list(token_ids), device=targets.device))
+    if set_targets and bool(special.any()):
+        losses = losses.masked_scatter(special, _set_losses(scores, targets, special))
+    weights = (targets != -100).float() * torch.where(special, float(weight), 1.0)
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _set_losses(scores: torch.Tensor, targets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """``-log Σ p(r)`` over each region target's remaining set ``(n,)``, in row-major order of
+    ``special`` ``(B, L-1)`` (``scores`` ``(B, L-1, V)``, ``targets`` ``(B, L-1)``)."""
+    previous = F.pad(special[:, :-1], (1, 0), value=False)
+    run = torch.cumsum((special & ~previous).flatten(), 0).view_as(special)  # run id of each position
+    rows, cols = special.nonzero(as_tuple=True)  # (n,), row-major like masked_scatter
+    log_probs = scores[rows, cols].log_softmax(-1)  # (n, V)
+    member = targets[rows, cols]  # (n,): the region each position lists
+    in_set = (run[rows, cols][:, None] == run[rows, cols][None, :]) & (cols[None, :] >= cols[:, None])
+    picked = log_probs[:, member].masked_fill(~in_set, float("-inf"))  # (n, n): row i, member j
+    return -torch.logsumexp(picked, dim=-1)
