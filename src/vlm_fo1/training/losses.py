@@ -56,7 +56,7 @@ def _set_losses(scores: torch.Tensor, targets: torch.Tensor, special: torch.Tens
     run = torch.cumsum((special & ~previous).flatten(), 0).view_as(special)  # run id of each position
     rows, cols = special.nonzero(as_tuple=True)  # (n,), row-major like masked_scatter
     log_probs = scores[rows, cols].log_softmax(-1)  # (n, V)
-    member = targets[rows, cols]  # (n,): the region each position lists
-    in_set = (run[rows, cols][:, None] == run[rows, cols][None, :]) & (cols[None, :] >= cols[:, None])
+    member, runs = targets[rows, cols], run[rows, cols]  # (n,): the region listed there, its run
+    in_set = (runs[:, None] == runs[None, :]) & (cols[None, :] >= cols[:, None])  # later in the run
     picked = log_probs[:, member].masked_fill(~in_set, float("-inf"))  # (n, n): row i, member j
     return -torch.logsumexp(picked, dim=-1)
