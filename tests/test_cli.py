@@ -155,3 +155,49 @@ def test_bad_arguments_are_one_line_errors(workspace):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "x1,y1,x2,y2" in done.stderr
+
+
+def test_train_overrides_accumulate_across_repeated_set_flags():
+    from vlm_fo1.cli import _parse_overrides, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "train",
+            "run.yaml",
+            "--set",
+            "optim.steps=60",
+            "optim.lr=5e-4",
+            "data.max_length=null",
+            "model.lora=true",
+            "--set",
+            "output.save_steps=1000",
+        ]
+    )
+    assert args.set == [
+        "optim.steps=60",
+        "optim.lr=5e-4",
+        "data.max_length=null",
+        "model.lora=true",
+        "output.save_steps=1000",
+    ]
+    assert _parse_overrides(args.set) == {
+        "optim": {"steps": 60, "lr": 5e-4},
+        "data": {"max_length": None},
+        "model": {"lora": True},
+        "output": {"save_steps": 1000},
+    }
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["optim.steps"], "expected KEY=VALUE"),
+        (["optim=3", "optim.steps=60"], "inside 'optim'"),
+        (["optim.steps=60", "optim=3"], "replaces the section 'optim'"),
+    ],
+)
+def test_bad_train_overrides_say_what_is_wrong(pairs, message):
+    from vlm_fo1.cli import _parse_overrides
+
+    with pytest.raises(ValueError, match=message):
+        _parse_overrides(pairs)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -247,6 +248,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     # `vlm-fo1 demo` (owned elsewhere) registers here, beside the inference commands.
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     """``optim.steps=100`` style overrides → a nested dict (values parsed as YAML scalars)."""
     import yaml
@@ -260,7 +264,18 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ValueError(
+                    f"override {pair!r} sets a key inside {part!r}, which another override set to {node!r}"
+                )
+        if isinstance(node.get(leaf), dict):
+            raise ValueError(
+                f"override {pair!r} replaces the section {key!r} that other overrides set inside"
+            )
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _NUMBER.fullmatch(value.strip()):
+            parsed = float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
+        node[leaf] = parsed
     return result
 
 
@@ -332,7 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run one training stage from a YAML run config")
     train.add_argument("config", help="YAML run config (see configs/)")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    train.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values (repeatable: --set a=1 b=2 --set c=3)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 
