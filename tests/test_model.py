@@ -291,6 +291,8 @@ def test_region_pointer_label_options_are_validated(tokenizer):
         tiny_config(tokenizer, region_pointer_label=True)
     with pytest.raises(ValueError, match="needs ground_token_ids"):
         tiny_config(tokenizer, region_pointer=True, region_pointer_label=True, ground_token_ids=None)
+    with pytest.raises(ValueError, match="region_pointer_match needs region_pointer_label=True"):
+        tiny_config(tokenizer, region_pointer=True, region_pointer_match=True)
     with pytest.raises(ValueError, match="2 ids of <ground> and </ground>"):
         tiny_config(tokenizer, ground_token_ids=[5])
     assert tiny_config(tokenizer).ground_token_ids == tokenizer.convert_tokens_to_ids(
@@ -298,20 +300,27 @@ def test_region_pointer_label_options_are_validated(tokenizer):
     )
 
 
-def _label_pointer(tokenizer):
-    """The pointer pair's weights with the asked label in the query and a random pointer matrix."""
+def _label_pointer(tokenizer, match: bool = False):
+    """The pointer pair's weights with the asked label in the query and random pointer matrices."""
     plain, _ = _pointer_pair(tokenizer)
-    model = tiny_model(tiny_config(tokenizer, region_pointer=True, region_pointer_label=True), seed=3)
+    config = tiny_config(
+        tokenizer, region_pointer=True, region_pointer_label=True, region_pointer_match=match
+    )
+    model = tiny_model(config, seed=3)
     model.load_state_dict(plain.state_dict(), strict=False)
     torch.nn.init.normal_(model.region_pointer.weight, std=0.5)
+    if match:
+        assert model.region_match.weight.abs().sum() == 0  # zero-initialised
+        torch.nn.init.normal_(model.region_match.weight, std=0.5)
     return plain.eval(), model.eval()
 
 
 TWO_SPANS = "<ground>cat</ground><objects><region1></objects><ground>dog</ground><objects><region2></objects>"
 
 
-def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(processor, tokenizer, image):
-    plain, model = _label_pointer(tokenizer)
+@pytest.mark.parametrize("match", [False, True])
+def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(processor, tokenizer, image, match):
+    plain, model = _label_pointer(tokenizer, match)
     conversation = [
         {"role": "user", "content": P.detect(["cat", "dog"])},
         {"role": "assistant", "content": TWO_SPANS},
@@ -336,9 +345,13 @@ def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(processor
             labels[t] = label
     closes = [t for t, token in enumerate(ids) if token == close_id]
     assert len(closes) == 2 and not torch.equal(labels[closes[0]], labels[closes[1]])
-    regions = hidden[batch["input_ids"][0] == processor.region_feature_token_id]  # (3, D)
+    at = batch["input_ids"][0] == processor.region_feature_token_id
+    regions = hidden[at]  # (3, D)
     weight = model.region_pointer.weight
     expected = (hidden + labels) @ weight @ regions.T / hidden.shape[-1] ** 0.5  # (T, 3)
+    if match:  # the label alone against the region tokens the language model read
+        tokens = base.hidden_states[0][0][at]  # (3, D): the input embeddings at <regionfeat>
+        expected = expected + labels @ model.region_match.weight @ tokens.T / hidden.shape[-1] ** 0.5
     region_ids = model.config.region_token_ids[:3]
     torch.testing.assert_close(logits[0][:, region_ids] - base.logits[0][:, region_ids], expected)
 
@@ -357,9 +370,11 @@ class _Force:
         return scores
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_region_pointer_label_generation_matches_one_full_forward(processor, tokenizer, image, use_cache):
-    _, model = _label_pointer(tokenizer)
+@pytest.mark.parametrize(("use_cache", "match"), [(True, False), (False, False), (True, True)])
+def test_region_pointer_label_generation_matches_one_full_forward(
+    processor, tokenizer, image, use_cache, match
+):
+    _, model = _label_pointer(tokenizer, match)
     batch = processor(P.detect(["cat", "dog"]), images=image, boxes=BOXES)
     width = batch["input_ids"].shape[1]
     forced = tokenizer.encode("<ground>cat</ground><objects><region1></objects><ground>dog</ground>")
@@ -387,6 +402,8 @@ def test_region_pointer_label_generation_matches_one_full_forward(processor, tok
     steps = torch.stack([step[0] for step in out.logits])  # the raw logits, before forcing
     torch.testing.assert_close(steps, reference, rtol=1e-4, atol=1e-4)
     # The label moved the region scores: without it the steps after </ground> score differently.
+    if match:
+        return
     model.config.region_pointer_label = False
     with torch.no_grad():
         unlabelled = model(**full).logits[0, width - 1 :]

@@ -155,11 +155,16 @@ def test_stage_presets(stage0):
     frozen_extra = _trainable(model)
     assert frozen_extra == {n for n in names if not n.startswith(("aux_encoder", "vlm.lm_head"))}
 
-    config.model.overrides = {"region_pointer": True}  # a new module: part of the region side
+    # new modules: part of the region side
+    config.model.overrides = {
+        "region_pointer": True,
+        "region_pointer_label": True,
+        "region_pointer_match": True,
+    }
     model, processor = init_model(config)
     for stage in (1, 2):
         configure_trainable(model, stage, processor.tokenizer)
-        assert "region_pointer.weight" in _trainable(model)
+        assert {"region_pointer.weight", "region_match.weight"} <= _trainable(model)
 
 
 def test_stage1_updates_only_fo1_token_rows(stage0, data_dir):

@@ -76,6 +76,11 @@ class FO1Config(PreTrainedConfig):
             (the mean input embedding of its tokens, RMS-normalised), so the regions the answer
             names are chosen with the words it was asked about (``h_t + ê_t``); needs
             ``ground_token_ids``.
+        region_pointer_match: not in the release; with ``region_pointer_label``, the pointer
+            also scores that label directly against each region's input token (the vector
+            spliced in at its ``<regionfeat>``): ``+ ê_t · U r_N / sqrt(D)``, ``U``
+            zero-initialised, a match of the asked words with the region's content that needs
+            no language-model layer.
 
         max_regions: maximum number of boxes per image (the number of ``<regionN>`` tokens).
         region_feature_token / region_token_template: the placeholder and region name strings.
@@ -112,6 +117,7 @@ class FO1Config(PreTrainedConfig):
     region_name_embedding: bool = False
     region_pointer: bool = False
     region_pointer_label: bool = False
+    region_pointer_match: bool = False
     max_regions: int = T.DEFAULT_MAX_REGIONS
     region_feature_token: str = T.REGION_FEATURE_TOKEN
     region_token_template: str = T.REGION_TOKEN_TEMPLATE
@@ -163,6 +169,8 @@ class FO1Config(PreTrainedConfig):
                 raise ValueError(f"FO1Config.{name} needs region_token_ids (the <regionN> ids)")
         if self.region_pointer_label and not self.region_pointer:
             raise ValueError("FO1Config.region_pointer_label needs region_pointer=True, got False")
+        if self.region_pointer_match and not self.region_pointer_label:
+            raise ValueError("FO1Config.region_pointer_match needs region_pointer_label=True, got False")
         if self.region_pointer_label and self.ground_token_ids is None:
             raise ValueError("FO1Config.region_pointer_label needs ground_token_ids (<ground>, </ground>)")
         if self.ground_token_ids is not None and len(self.ground_token_ids) != 2:

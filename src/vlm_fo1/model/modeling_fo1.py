@@ -85,12 +85,13 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
             nn.BatchNorm1d(hidden, affine=False) if config.region_token_norm == "batch" else None
         )
         self.region_pointer = nn.Linear(hidden, hidden, bias=False) if config.region_pointer else None
+        self.region_match = nn.Linear(hidden, hidden, bias=False) if config.region_pointer_match else None
 
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is getattr(self, "region_pointer", None):
+        if module is getattr(self, "region_pointer", None) or module is getattr(self, "region_match", None):
             nn.init.zeros_(module.weight)  # starts as the plain LM head
 
     @classmethod
@@ -365,11 +366,14 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         hidden = captured[0]  # (B, T, D): what the LM head reads
         queries = hidden
         if self.config.region_pointer_label:
-            queries, outputs["region_pointer_label_state"] = self._label_queries(
+            labels_t, outputs["region_pointer_label_state"] = self._pointer_labels(
                 input_ids, hidden, region_pointer_label_state
             )
+            queries = hidden + labels_t
+            if self.region_match is not None:  # the label alone meets the region tokens' half of the keys
+                queries = torch.cat([queries, labels_t], dim=-1)  # (B, T, 2D)
         if has_regions:
-            region_pointer_keys = self._pointer_keys(input_ids, hidden, region_counts)
+            region_pointer_keys = self._pointer_keys(input_ids, hidden, inputs_embeds, region_counts)
         if region_pointer_keys is not None:
             outputs.logits = self._add_pointer_logits(outputs.logits, queries, region_pointer_keys)
             outputs["region_pointer_keys"] = region_pointer_keys
@@ -381,38 +385,50 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
 
     # -- region pointer (``FO1Config.region_pointer``) ---------------------------------------------------
     def _pointer_keys(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, counts: torch.Tensor
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, inputs_embeds: torch.Tensor, counts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's region states, padded: keys ``(B, N_max, D)`` and a valid mask ``(B, N_max)``.
+        """Each sample's projected region keys, padded, ``(B, N_max, D)`` (``(B, N_max, 2D)`` with
+        ``region_pointer_match``: ``[W h_N ; U r_N]``) and a valid mask ``(B, N_max)``.
 
-        Region k of a sample is its k-th ``<regionfeat>`` position of ``hidden`` ``(B, T, D)``."""
-        states = hidden[input_ids == self.config.region_feature_token_id]  # (ΣN, D), samples in order
+        Region k of a sample is its k-th ``<regionfeat>`` position: ``h_N`` from ``hidden``
+        ``(B, T, D)``, ``r_N`` from ``inputs_embeds`` ``(B, T, D)``."""
+        at = input_ids == self.config.region_feature_token_id
         n_max = int(counts.max())
         valid = torch.arange(n_max, device=hidden.device)[None, :] < counts.to(hidden.device)[:, None]
-        keys = hidden.new_zeros(counts.shape[0], n_max, hidden.shape[-1])
-        keys[valid] = states
-        return self.region_pointer(keys), valid
 
-    def _label_queries(
+        def padded(states: torch.Tensor) -> torch.Tensor:  # (ΣN, D), samples in order → (B, N_max, D)
+            keys = states.new_zeros(counts.shape[0], n_max, states.shape[-1])
+            keys[valid] = states
+            return keys
+
+        keys = self.region_pointer(padded(hidden[at]))
+        if self.region_match is not None:
+            keys = torch.cat([keys, self.region_match(padded(inputs_embeds[at].to(hidden.dtype)))], dim=-1)
+        return keys, valid
+
+    def _pointer_labels(
         self, input_ids: torch.Tensor | None, hidden: torch.Tensor, state: LabelSpanState | None
     ) -> tuple[torch.Tensor, LabelSpanState]:
-        """Pointer queries ``h_t + ê_t`` ``(B, T, D)`` (``ê_t``: see ``model.label_spans``) and the
+        """The labels ``ê_t`` ``(B, T, D)`` of the pointer queries (see ``model.label_spans``) and the
         span state after this forward's tokens."""
         if input_ids is None:
             raise ValueError("region_pointer_label reads the <ground> spans from input_ids, got None")
         open_id, close_id = self.config.ground_token_ids
         embeddings = self.get_input_embeddings()(input_ids)
         labels, _, state = track_label_spans(input_ids, embeddings, open_id, close_id, state)
-        return hidden + labels.to(hidden.dtype), state
+        return labels.to(hidden.dtype), state
 
     def _add_pointer_logits(
         self, logits: torch.Tensor, queries: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         """``logits`` ``(B, L, V)`` with ``q_t · k_N / sqrt(D)`` added to each valid ``<regionN>``
-        column; ``queries`` ``(B, T, D)`` with ``T ≥ L`` (the last ``L`` positions are scored)."""
+        column; ``queries`` ``(B, T, K)`` with ``T ≥ L`` (the last ``L`` positions are scored) and
+        keys ``(B, N_max, K)``; ``K`` is ``D`` or ``2D`` (``region_pointer_match``), ``D`` the
+        hidden size."""
         projected, valid = keys
-        queries = queries[:, queries.shape[1] - logits.shape[1] :]  # (B, L, D)
-        scores = torch.einsum("bld,bnd->bln", queries, projected) / projected.shape[-1] ** 0.5
+        queries = queries[:, queries.shape[1] - logits.shape[1] :]  # (B, L, K)
+        scale = self.config.text_config.hidden_size**0.5
+        scores = torch.einsum("bld,bnd->bln", queries, projected) / scale
         scores = scores * valid[:, None, :].to(scores.dtype)  # (B, L, N_max)
         ids = torch.tensor(self.config.region_token_ids[: scores.shape[-1]], device=logits.device)
         return logits.index_add(-1, ids, scores.to(logits.dtype))
