@@ -25,16 +25,28 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
+def _named_before(labels: torch.Tensor, b: int, k: int) -> list[int]:
+    """The regions of the run of consecutive region labels that ends just before ``labels[b, k]``."""
+    named = []
+    while k > 0 and int(labels[b, k - 1]) in REGIONS:
+        named.append(int(labels[b, k - 1]))
+        k -= 1
+    return named
+
+
 def _reference(logits: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
     """Loop form: a region target's loss is -log of the summed probability of it and the region
-    targets after it in the same run of consecutive region targets."""
+    targets after it in the same run of consecutive region targets, with the run's regions before
+    it out of the softmax (and all of them at the position after the run)."""
     total, norm = 0.0, 0.0
     for b in range(labels.shape[0]):
         for t in range(labels.shape[1] - 1):
             target = int(labels[b, t + 1])
             if target == -100:
                 continue
-            log_p = logits[b, t].log_softmax(-1)
+            scores = logits[b, t].clone()
+            scores[_named_before(labels, b, t + 1)] = float("-inf")
+            log_p = scores.log_softmax(-1)
             if target in REGIONS:
                 members = []
                 k = t + 1
@@ -58,11 +70,12 @@ def test_set_loss_matches_the_loop_reference():
 def test_set_loss_of_the_first_of_two_regions_is_minus_log_of_their_summed_probability():
     logits, labels = torch.zeros(1, 3, 16), torch.tensor([[-100, 13, 11]])
     logits[0, 0, 13] = logits[0, 0, 11] = math.log(7.0)  # first position: p(13) = p(11) = 7 / 28
-    logits[0, 1, 11] = math.log(15.0)  # second position: p(11) = 15 / 30
+    logits[0, 1, 11] = math.log(15.0)  # second position: p(11) = 15 / 30, or 15 / 29 without 13
+    logits[0, 1, 13] = math.log(2.0)
     set_loss = region_token_loss(logits, labels, REGIONS, set_targets=True)
-    torch.testing.assert_close(set_loss, torch.tensor((-math.log(0.5) - math.log(0.5)) / 2))
+    torch.testing.assert_close(set_loss, torch.tensor((-math.log(0.5) - math.log(15 / 29)) / 2))
     plain = region_token_loss(logits, labels, REGIONS)
-    torch.testing.assert_close(plain, torch.tensor((-math.log(0.25) - math.log(0.5)) / 2))
+    torch.testing.assert_close(plain, torch.tensor((-math.log(0.25) - math.log(15 / 31)) / 2))
 
 
 def test_set_loss_does_not_depend_on_the_listing_order_at_the_first_position():
@@ -70,18 +83,33 @@ def test_set_loss_does_not_depend_on_the_listing_order_at_the_first_position():
     first_set = -logits[0, 0].log_softmax(-1)[[13, 11]].logsumexp(0)  # regions 3 and 1, either order
     for order in ([13, 11], [11, 13]):
         loss = region_token_loss(logits, torch.tensor([[-100, *order]]), REGIONS, set_targets=True)
-        last = -logits[0, 1].log_softmax(-1)[order[1]]  # the second position: the one left
+        second = logits[0, 1].clone()
+        second[order[0]] = float("-inf")  # named first: out of the second position's softmax
+        last = -second.log_softmax(-1)[order[1]]  # the one left
         torch.testing.assert_close(2 * loss - last, first_set)
 
 
-def test_without_lists_of_two_or_more_the_set_loss_is_the_plain_loss():
+def test_without_lists_of_two_or_more_the_set_loss_is_the_plain_loss_with_the_region_out_at_the_close():
     logits, labels = _batch(1)
     single = labels.clone()
-    single[0, 2] = TEXT  # every run now has one region
+    single[0, 2] = TEXT  # every run now has one region: 13 at 0, 14 at 4, 12 at 2 (row 1)
+    masked = logits.clone()
+    masked[0, 1, 13] = masked[0, 5, 14] = masked[1, 3, 12] = float("-inf")  # the closing positions
     torch.testing.assert_close(
         region_token_loss(logits, single, REGIONS, 3.0, set_targets=True),
-        region_token_loss(logits, single, REGIONS, 3.0),
+        region_token_loss(masked, single, REGIONS, 3.0),
     )
+
+
+def test_set_loss_leaves_named_regions_out_at_the_close_and_keeps_a_repeated_target_finite():
+    logits, labels = torch.zeros(1, 4, 16), torch.tensor([[-100, 13, 11, CLOSE]])
+    logits[0, 2, 13] = logits[0, 2, 11] = 50.0  # both named already: out of the close's softmax
+    loss = region_token_loss(logits, labels, REGIONS, set_targets=True)
+    close_loss = -math.log(1 / 14)  # 16 tokens, two left out, all the others equal
+    first, second = -math.log(2 / 16), -math.log(1 / 15)
+    torch.testing.assert_close(loss, torch.tensor((first + second + close_loss) / 3))
+    repeated = region_token_loss(torch.randn(1, 3, 16), torch.tensor([[-100, 13, 13]]), REGIONS, set_targets=True)
+    assert torch.isfinite(repeated)
 
 
 def test_set_loss_is_finite_and_differentiable_with_no_region_targets():

@@ -377,6 +377,59 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
         read_scene_regions(bad)
 
 
+MATCH = {"region_pointer": True, "region_pointer_label": True, "region_pointer_match": True}
+
+
+def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_logits(stage0, tmp_path):
+    """With ``match_weight`` the connector and ``region_match`` train too, and the perception's
+    word-match logit (less its offset) is exactly what the model adds to ``<regionN>`` after
+    ``<ground>word</ground>`` when the pointer's own matrix is zero."""
+    from vlm_fo1.training import perception
+
+    data = tmp_path / "world"
+    generate_dataset(data, 40, seed=5, split_name="train", proposal_config=ProposalConfig(max_proposals=8))
+    scenes = data / "train_scenes.jsonl"
+    config = run_config_from_dict(
+        _config(data, Path("x"), 1, stage0, model={"keep": "vlm", "overrides": MATCH})
+    )
+    model, processor = init_model(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = pretrain_region_perception(
+        model, processor, scenes, steps=6, batch_size=4, held_out=8, match_weight=1.0, progress=False
+    )
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"aux_encoder", "region_encoder", "connector", "region_match"}
+    assert 0.0 <= result.accuracy["match"] <= 1.0
+
+    image, boxes, per_box = perception.read_scene_regions(scenes)[0]
+    words = perception._match_words(per_box + [{"kind": "circle", "colour": "red", "size": "small"}])
+    match = perception._WordMatch(model, processor, words)
+    assert perception._positive_words({"kind": "word", "colour": "red", "size": "small", "text": "CAT"}) == {
+        "word", "words", "red", "small", "CAT"
+    }  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        model.region_pointer.weight.zero_()
+        counts, features = perception._region_features(model, processor, [data / image], [boxes])
+        expected = match(model, features, counts) - match.offset  # (2W, N)
+        word = words.index("circle")
+        prompt = [
+            {"role": "user", "content": "find"},
+            {"role": "assistant", "content": "<ground>circle</ground><objects>"},
+        ]
+        batch = processor([prompt], images=[data / image], boxes=[boxes], add_generation_prompt=False)
+        logits = model(**batch).logits[0, -1]
+        model.region_match.weight.zero_()
+        plain = model(**batch).logits[0, -1]
+    ids = processor.region_token_ids[: len(boxes)]
+    torch.testing.assert_close((logits - plain)[ids], expected[2 * word], atol=1e-4, rtol=1e-4)
+    plain_model, _ = init_model(
+        run_config_from_dict(_config(data, Path("x"), 1, stage0, model={"keep": "vlm"}))
+    )
+    with pytest.raises(ValueError, match="region_pointer_match=True"):
+        pretrain_region_perception(plain_model, processor, scenes, steps=1, match_weight=1.0, progress=False)
+
+
 def test_probe_detection_scores_regions_by_the_kind_head(stage0, tmp_path, monkeypatch):
     """With region features that are the truth (one-hot kind of each target region), the probe
     ranks every target region first: mAP@0.5 is 1 when every object has a proposal."""

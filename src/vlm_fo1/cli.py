@@ -80,8 +80,14 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
     from vlm_fo1.training.miniature import FO1_OVERRIDES, Recipe, perceive
 
     overrides = {**FO1_OVERRIDES, "region_source": args.region_source}
+    default = Recipe()
     recipe = Recipe(
-        perception_steps=args.steps, batch_size=args.batch_size, perception_align_weight=args.align_weight
+        perception_steps=default.perception_steps if args.steps is None else args.steps,
+        batch_size=args.batch_size,
+        perception_align_weight=args.align_weight,
+        perception_match_weight=default.perception_match_weight
+        if args.match_weight is None
+        else args.match_weight,
     )
     out = perceive(
         args.base, args.scenes, args.out, overrides, recipe, seed=args.seed, progress=not args.no_progress
@@ -413,9 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     perceive.add_argument("base", help="stage-0 checkpoint directory")
     perceive.add_argument("scenes", help="a {split}_scenes.jsonl written by vlm-fo1 synth")
     perceive.add_argument("out", help="directory to write the FO1 checkpoint to")
-    perceive.add_argument("--steps", type=int, default=200)
+    perceive.add_argument("--steps", type=int, default=None, help="the miniature recipe's by default")
     perceive.add_argument("--batch-size", type=int, default=16)
     perceive.add_argument("--align-weight", type=float, default=0.0, help="region-word alignment loss weight")
+    perceive.add_argument(
+        "--match-weight",
+        type=float,
+        default=None,
+        help="word-match loss weight (trains the connector and the label-region match; the recipe's by default)",
+    )
     perceive.add_argument("--region-source", choices=["hybrid", "vit", "aux"], default="hybrid")
     perceive.add_argument("--seed", type=int, default=0)
     perceive.add_argument("--no-progress", action="store_true")

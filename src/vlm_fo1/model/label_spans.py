@@ -40,6 +40,11 @@ class LabelSpanState(NamedTuple):
         return cls(zeros, torch.zeros(batch, device=device), flags, zeros.clone(), flags.clone())
 
 
+def unit_rms(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` ``(..., D)`` scaled to root-mean-square 1 along the last axis (a label's form)."""
+    return vectors * vectors.pow(2).mean(dim=-1, keepdim=True).clamp(min=1e-12).rsqrt()
+
+
 def _latest(flags: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` index of the latest True at or before each position, -1 where none."""
     positions = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
@@ -97,8 +102,7 @@ def track_label_spans(
     )
     span_sums, span_counts = span[..., :-1], span[..., -1]
     sets = closes & inside_before & (span_counts > 0)  # a non-empty span closes here
-    means = span_sums / span_counts.clamp(min=1)[..., None]
-    means = means * means.pow(2).mean(dim=-1, keepdim=True).clamp(min=1e-12).rsqrt()
+    means = unit_rms(span_sums / span_counts.clamp(min=1)[..., None])
     last_set = _latest(sets)
     found = (last_set >= 0)[..., None]
     labels = torch.where(found, _at(means, last_set), state.label[:, None, :])

@@ -6,9 +6,11 @@ Plain next-token cross-entropy then trains "region 2, not region 7" at the first
 the order is a fact about the indexes, not about the boxes' content, and a content-based
 pointer cannot follow it. :func:`region_token_loss` with ``set_targets=True`` trains each region
 position on the set of boxes still to be named instead (the target and the regions after it in
-the same run of region targets): ``-log Σ_{r ∈ remaining} p(r)``. Boxes already named stay in
-the softmax and are pushed down, so a model learns to name each matching box once, in any order,
-and ``</objects>`` once none remains (what ``stop_by_mass`` decoding then reads).
+the same run of region targets): ``-log Σ_{r ∈ remaining} p(r)``. Boxes already named in the
+run are left out of the softmax there and at the position after the run (the ``</objects>``
+target), as the constrained decoder forbids naming a box twice (``GroundingConstraint``): the
+model is trained on the choices it will be offered, so it learns to name each matching box once,
+in any order, and ``</objects>`` once none remains (what ``stop_by_mass`` decoding then reads).
 """
 
 from __future__ import annotations
@@ -35,25 +37,55 @@ def region_token_loss(
         token_ids: the region token ids (``<regionN>``).
         weight: their weight (1: the usual mean over trained tokens).
         set_targets: train each region target on the set of regions still to be named in its
-            run of consecutive region targets (module docstring) instead of the one listed next.
+            run of consecutive region targets, with the regions named before it (and, at the
+            position after the run, all of the run's) out of the softmax (module docstring),
+            instead of the one listed next against every token.
     Returns:
         the weighted mean, a scalar (0 when no token is trained).
     """
     targets = labels[:, 1:].to(logits.device)  # (B, L-1)
     scores = logits[:, :-1].float()  # (B, L-1, V)
-    losses = F.cross_entropy(scores.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     special = torch.isin(targets, torch.tensor(list(token_ids), device=targets.device))
-    if set_targets and bool(special.any()):
+    set_targets = set_targets and bool(special.any())
+    if set_targets:
+        scores = _without_named(scores, targets, special)
+    losses = F.cross_entropy(scores.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    if set_targets:
         losses = losses.masked_scatter(special, _set_losses(scores, targets, special))
     weights = (targets != -100).float() * torch.where(special, float(weight), 1.0)
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def _runs(special: torch.Tensor) -> torch.Tensor:
+    """``(B, L-1)`` id of the run of consecutive region targets each position belongs to."""
+    previous = F.pad(special[:, :-1], (1, 0), value=False)
+    return torch.cumsum((special & ~previous).flatten(), 0).view_as(special)
+
+
+def _without_named(scores: torch.Tensor, targets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """``scores`` ``(B, L-1, V)`` with ``-inf`` where a region was named earlier in the run: at
+    each later region target of the run, and at the position after the run's last one."""
+    run = _runs(special)
+    rows, cols = special.nonzero(as_tuple=True)  # (n,) the region targets
+    runs, member = run[rows, cols], targets[rows, cols]
+    last = special & ~F.pad(special[:, 1:], (0, 1), value=False)
+    last_rows, last_cols = last.nonzero(as_tuple=True)
+    inside = last_cols + 1 < special.shape[1]
+    query_rows = torch.cat([rows, last_rows[inside]])  # (q,) every position that gets a mask
+    query_cols = torch.cat([cols, last_cols[inside] + 1])
+    query_runs = torch.cat([runs, run[last_rows[inside], last_cols[inside]]])
+    own = targets[query_rows, query_cols]  # a region listed twice is never masked where it is the target
+    named = (query_runs[:, None] == runs[None, :]) & (cols[None, :] < query_cols[:, None])  # (q, n)
+    named &= member[None, :] != own[:, None]
+    query, earlier = named.nonzero(as_tuple=True)
+    index = (query_rows[query], query_cols[query], member[earlier])
+    return scores.index_put(index, scores.new_full(index[0].shape, float("-inf")))
+
+
 def _set_losses(scores: torch.Tensor, targets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
     """``-log Σ p(r)`` over each region target's remaining set ``(n,)``, in row-major order of
     ``special`` ``(B, L-1)`` (``scores`` ``(B, L-1, V)``, ``targets`` ``(B, L-1)``)."""
-    previous = F.pad(special[:, :-1], (1, 0), value=False)
-    run = torch.cumsum((special & ~previous).flatten(), 0).view_as(special)  # run id of each position
+    run = _runs(special)
     rows, cols = special.nonzero(as_tuple=True)  # (n,), row-major like masked_scatter
     log_probs = scores[rows, cols].log_softmax(-1)  # (n, V)
     member, runs = targets[rows, cols], run[rows, cols]  # (n,): the region listed there, its run

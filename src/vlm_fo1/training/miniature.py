@@ -93,6 +93,9 @@ class Recipe:
     base_steps: int = 600
     perception_steps: int = 200
     perception_align_weight: float = 0.0
+    perception_match_weight: float = 0.0
+    """Weight of the word-match loss in region perception pretraining (needs the model option
+    ``region_pointer_match``; ``training.perception``)."""
     stage1_steps: int = 150
     easy_steps: int = 300
     full_steps: int = 300
@@ -272,7 +275,8 @@ def perceive(
     model, processor = init_model(config)
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
-        align_weight=recipe.perception_align_weight, progress=progress,
+        align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
+        progress=progress,
     )  # fmt: skip
     logger.info("region perception pretraining: %s", result.to_json())
     out = Path(out)

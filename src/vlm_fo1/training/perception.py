@@ -9,6 +9,16 @@ the missing pretraining: the auxiliary encoder and the region encoder learn, thr
 heads, the kind, colour and size of the object each simulated proposal covers (or "background"),
 from the scene truth the miniature world writes next to its records. The base VLM (ViT included)
 stays frozen; the heads are thrown away. It is not in the paper and is off for real checkpoints.
+
+With ``match_weight`` (a model with ``region_pointer_match``) the connector and the match
+matrix ``U`` train too, on the exact score the model later adds to each ``<regionN>`` logit:
+``ê_w · U r_N / sqrt(D)``, where ``r_N`` is the region token (after the optional normalisation
+and name embedding) and ``ê_w`` the RMS-normalised mean input embedding of an attribute word's
+tokens (as :mod:`vlm_fo1.model.label_spans` forms the asked label). Each (region, word) pair is a
+binary question - is this region's object of that kind (or its plural), colour, size or text? -
+trained with a logistic loss, both spellings (``"circle"`` and ``" circle"``, which are different
+tokens) included. A question's words then already point at the regions they describe when stage 1
+starts.
 """
 
 from __future__ import annotations
@@ -32,8 +42,10 @@ from vlm_fo1.data.records import ConversationRecord
 from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.model.aux_encoder import encode_aux
+from vlm_fo1.model.label_spans import unit_rms
 from vlm_fo1.processing import FO1Processor
 from vlm_fo1.prompting import templates as P
+from vlm_fo1.synthetic.language import plural
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +68,12 @@ class PerceptionResult:
 
 
 def _object_attributes(obj: dict[str, Any]) -> dict[str, str]:
-    return {"kind": "word" if obj.get("text") else obj["kind"], "colour": obj["colour"], "size": obj["size"]}
+    attributes = {
+        "kind": "word" if obj.get("text") else obj["kind"],
+        "colour": obj["colour"],
+        "size": obj["size"],
+    }
+    return attributes | ({"text": obj["text"]} if obj.get("text") else {})
 
 
 def read_scene_regions(
@@ -64,8 +81,9 @@ def read_scene_regions(
 ) -> list[tuple[str, list[list[float]], list[dict[str, str]]]]:
     """``(image, proposal boxes, attributes per box)`` of every scene in a ``*_scenes.jsonl`` file.
 
-    A proposal whose IoU with its object is below ``min_iou`` (or that covers none) is labelled
-    ``background`` for every attribute.
+    Attributes are ``kind``, ``colour``, ``size`` and, for words, ``text``. A proposal whose IoU
+    with its object is below ``min_iou`` (or that covers none) is labelled ``background`` for
+    ``kind``, ``colour`` and ``size``.
     """
     scenes = []
     with Path(path).open(encoding="utf-8") as handle:
@@ -97,6 +115,60 @@ class _Heads(nn.Module):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(features) for name, head in self.heads.items()}
+
+
+def _match_words(per_box: Iterable[dict[str, str]]) -> list[str]:
+    """Every word a region can be asked about (sorted): kinds and their plurals, colours, sizes,
+    texts."""
+    words = set()
+    for labels in per_box:
+        if labels["kind"] != BACKGROUND:
+            words |= _positive_words(labels)
+    return sorted(words)
+
+
+def _positive_words(labels: dict[str, str]) -> set[str]:
+    """The words that describe a region's object (none for background)."""
+    if labels["kind"] == BACKGROUND:
+        return set()
+    words = {labels["kind"], plural(labels["kind"]), labels["colour"], labels["size"]}
+    return words | ({labels["text"]} if "text" in labels else set())
+
+
+class _WordMatch(nn.Module):
+    """The model's label-region match (``ê_w · U r_N / sqrt(D)``) for a fixed list of words, each in
+    both spellings, plus a learnt logit offset (the perception loss's own; not saved)."""
+
+    def __init__(self, model: FO1ForConditionalGeneration, processor: FO1Processor, words: list[str]) -> None:
+        super().__init__()
+        if model.region_match is None:
+            raise ValueError("match_weight > 0 needs a model with region_pointer_match=True, got False")
+        table = model.get_input_embeddings().weight.detach().float()
+        tokenizer = processor.tokenizer
+        spellings = [(w, s) for w in words for s in (w, " " + w)]
+        vectors = [table[tokenizer(s, add_special_tokens=False)["input_ids"]].mean(0) for _, s in spellings]
+        self.words = words
+        self.register_buffer("word_index", torch.tensor([words.index(w) for w, _ in spellings]))
+        self.register_buffer("labels", unit_rms(torch.stack(vectors)))  # (2W, D)
+        self.offset = nn.Parameter(torch.zeros(()))
+        self.scale = model.config.text_config.hidden_size**0.5
+
+    def forward(
+        self, model: FO1ForConditionalGeneration, features: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """``(2W, ΣN)`` match logits of region-encoder outputs ``features`` ``(ΣN, width)``."""
+        tokens = model.connector(features.to(model.connector_dtype))
+        tokens = model._finish_region_tokens(tokens, torch.tensor(counts))  # (ΣN, D), as spliced in
+        keys = model.region_match(tokens).float()
+        return self.labels @ keys.T / self.scale + self.offset  # (2W, ΣN)
+
+    def targets(self, per_box: list[dict[str, str]]) -> torch.Tensor:
+        """``(2W, ΣN)`` 1 where the spelling's word describes the box."""
+        wanted = torch.zeros(len(self.words), len(per_box))
+        for j, labels in enumerate(per_box):
+            for word in _positive_words(labels):
+                wanted[self.words.index(word), j] = 1.0
+        return wanted[self.word_index]
 
 
 def _region_features(
@@ -169,6 +241,7 @@ def pretrain_region_perception(
     seed: int = 0,
     held_out: int | None = None,
     align_weight: float = 0.0,
+    match_weight: float = 0.0,
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -185,6 +258,10 @@ def pretrain_region_perception(
             already match the regions they describe (default 0: heads only). In the miniature
             benchmark it made the LLM copy words out of the region tokens instead of the query
             (benchmarks/RESULTS.md), so it is off by default.
+        match_weight: weight of the word-match loss (module docstring), which also trains the
+            connector and ``region_match``; needs ``region_pointer_match``. The held-out
+            ``match`` accuracy is the share of proposals whose best kind word (bare spelling) is
+            their kind, or that no kind word claims (logit < 0) when they are background.
 
     Raises:
         ValueError: for non-positive sizes or a file without usable scenes.
@@ -205,10 +282,16 @@ def pretrain_region_perception(
         name: sorted({labels[name] for _, _, per_box in scenes for labels in per_box}) for name in ATTRIBUTES
     }
     heads = _Heads(model.region_encoder.output_dim, classes)
+    match = None
+    if match_weight > 0:
+        match = _WordMatch(model, processor, _match_words(b for _, _, per_box in scenes for b in per_box))
+    kinds = [k for k in classes["kind"] if k != BACKGROUND]
     model.requires_grad_(False)
     trainable = [*model.region_encoder.parameters()]
-    if align_weight > 0:
+    if align_weight > 0 or match is not None:
         trainable += [*model.connector.parameters()]
+    if match is not None:
+        trainable += [*model.region_match.parameters(), match.offset]
     if model.aux_encoder is not None:
         trainable += [*model.aux_encoder.parameters()]
     for param in trainable:
@@ -217,7 +300,7 @@ def pretrain_region_perception(
     rng = random.Random(seed)
     vectors = _word_vectors(model, processor, classes) if align_weight > 0 else {}
 
-    def load(chosen: list) -> tuple[list[Image.Image], list[list], dict[str, torch.Tensor]]:
+    def load(chosen: list) -> tuple[list[Image.Image], list[list], dict[str, Any]]:
         images = [Image.open(root / image).convert("RGB") for image, _, _ in chosen]
         targets = {
             name: torch.tensor(
@@ -225,6 +308,7 @@ def pretrain_region_perception(
             )
             for name in ATTRIBUTES
         }
+        targets["boxes"] = [lab for _, _, per_box in chosen for lab in per_box]
         return images, [boxes for _, boxes, _ in chosen], targets
 
     model.train()
@@ -236,25 +320,49 @@ def pretrain_region_perception(
         loss = sum(F.cross_entropy(logits[name], targets[name]) for name in ATTRIBUTES)
         if align_weight > 0:
             loss = loss + align_weight * _alignment_loss(model, features, counts, targets, classes, vectors)
+        if match is not None:
+            scores = match(model, features, counts)
+            wanted = match.targets(targets["boxes"])
+            loss = loss + match_weight * F.binary_cross_entropy_with_logits(scores, wanted)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    correct = dict.fromkeys(ATTRIBUTES, 0)
+    correct = dict.fromkeys([*ATTRIBUTES, *(["match"] if match is not None else [])], 0)
     total = 0
     with torch.no_grad():
         for first in range(0, len(test_scenes), batch_size):
             images, boxes, targets = load(test_scenes[first : first + batch_size])
-            logits = heads(_region_features(model, processor, images, boxes)[1])
+            counts, features = _region_features(model, processor, images, boxes)
+            logits = heads(features)
             for name in ATTRIBUTES:
                 correct[name] += int((logits[name].argmax(-1) == targets[name]).sum())
+            if match is not None:
+                scores = match(model, features, counts)
+                correct["match"] += _match_correct(match, scores, targets["boxes"], kinds)
             total += len(targets["kind"])
     model.requires_grad_(True)
-    accuracy = {name: correct[name] / total for name in ATTRIBUTES}
+    accuracy = {name: hits / total for name, hits in correct.items()}
     logger.info("region perception after %d steps: held-out accuracy %s", steps, accuracy)
     return PerceptionResult(accuracy, steps, time.perf_counter() - start, heads)
+
+
+def _match_correct(
+    match: _WordMatch, scores: torch.Tensor, per_box: list[dict[str, str]], kinds: list[str]
+) -> int:
+    """Boxes whose best bare kind word is their kind (logit > 0), or background with every kind
+    word's logit < 0; ``scores`` ``(2W, ΣN)``, ``kinds`` the kind words."""
+    rows = torch.tensor([2 * match.words.index(k) for k in kinds])  # the bare spelling of each kind
+    best, index = scores[rows].max(dim=0)  # (ΣN,)
+    hits = 0
+    for j, labels in enumerate(per_box):
+        if labels["kind"] == BACKGROUND:
+            hits += int(best[j] < 0)
+        else:
+            hits += int(best[j] > 0 and kinds[int(index[j])] == labels["kind"])
+    return hits
 
 
 def probe_detection(
