@@ -402,7 +402,7 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
     assert 0.0 <= result.accuracy["match"] <= 1.0
 
     image, boxes, per_box = perception.read_scene_regions(scenes)[0]
-    words = perception._match_words(per_box + [{"kind": "circle", "colour": "red", "size": "small"}])
+    words = perception._match_words([*per_box, {"kind": "circle", "colour": "red", "size": "small"}])
     match = perception._WordMatch(model, processor, words)
     assert perception._positive_words({"kind": "word", "colour": "red", "size": "small", "text": "CAT"}) == {
         "word", "words", "red", "small", "CAT"
