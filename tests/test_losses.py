@@ -108,7 +108,9 @@ def test_set_loss_leaves_named_regions_out_at_the_close_and_keeps_a_repeated_tar
     close_loss = -math.log(1 / 14)  # 16 tokens, two left out, all the others equal
     first, second = -math.log(2 / 16), -math.log(1 / 15)
     torch.testing.assert_close(loss, torch.tensor((first + second + close_loss) / 3))
-    repeated = region_token_loss(torch.randn(1, 3, 16), torch.tensor([[-100, 13, 13]]), REGIONS, set_targets=True)
+    repeated = region_token_loss(
+        torch.randn(1, 3, 16), torch.tensor([[-100, 13, 13]]), REGIONS, set_targets=True
+    )
     assert torch.isfinite(repeated)
 
 

@@ -138,6 +138,33 @@ def test_pool_regions_matches_slow_loop(aligned, sampling):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling", [-1, 1, 3])
+def test_pool_regions_equals_torchvision_roi_align_forward_and_backward(aligned, sampling):
+    """The separable form gives torchvision's numbers and gradients, boxes partly or wholly outside
+    the map, tiny and huge boxes included; ``resize_to`` equals resizing the map first."""
+    from torchvision.ops import roi_align
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 6, 11, 17, generator=generator, requires_grad=True)
+    corners = torch.rand(2, 9, 2, generator=generator) * torch.tensor([90.0, 60.0]) - 10
+    sizes = torch.rand(2, 9, 2, generator=generator) * torch.tensor([70.0, 50.0])
+    boxes = torch.cat([corners, corners + sizes], dim=-1)  # (2, 9, 4) some beyond the map
+    boxes[0, 0] = torch.tensor([30.0, 20.0, 30.2, 20.1])  # under one cell
+    boxes[1, 1] = torch.tensor([-50.0, -50.0, 400.0, 300.0])  # the whole map and more
+    boxes[1, 2] = torch.tensor([100.0, 70.0, 130.0, 90.0])  # wholly outside
+    weights = torch.randn(18, 6, generator=generator)
+    for resize in (None, (22, 30)):
+        source = features if resize is None else F.interpolate(features, size=resize, mode="bilinear")
+        expected = roi_align(source, list(boxes), 3, 0.25, sampling, aligned).mean(dim=(2, 3))
+        (grad_expected,) = torch.autograd.grad((expected * weights).sum(), features)
+        got = pool_regions(features, list(boxes), 0.25, 3, sampling, aligned, resize_to=resize)
+        (grad_got,) = torch.autograd.grad((got * weights).sum(), features)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
+    assert pool_regions(features[0], boxes[0][:0], 0.25, 3).shape == (0, 6)
+
+
 def slow_sine(boxes: torch.Tensor, frame: tuple[int, int], dim: int) -> torch.Tensor:
     width, height = frame
     quarter = dim // 4

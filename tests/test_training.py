@@ -382,7 +382,7 @@ MATCH = {"region_pointer": True, "region_pointer_label": True, "region_pointer_m
 
 def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_logits(stage0, tmp_path):
     """With ``match_weight`` the connector and ``region_match`` train too, and the perception's
-    word-match logit (less its offset) is exactly what the model adds to ``<regionN>`` after
+    word-match score is exactly what the model adds to ``<regionN>`` after
     ``<ground>word</ground>`` when the pointer's own matrix is zero."""
     from vlm_fo1.training import perception
 
@@ -402,17 +402,23 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
     assert 0.0 <= result.accuracy["match"] <= 1.0
 
     image, boxes, per_box = perception.read_scene_regions(scenes)[0]
-    words = perception._match_words([*per_box, {"kind": "circle", "colour": "red", "size": "small"}])
-    match = perception._WordMatch(model, processor, words)
-    assert perception._positive_words({"kind": "word", "colour": "red", "size": "small", "text": "CAT"}) == {
-        "word", "words", "red", "small", "CAT"
-    }  # fmt: skip
+    match = perception._WordMatch(
+        model, processor, [*per_box, {"kind": "circle", "colour": "red", "size": "small"}]
+    )
+    word = {"kind": "word", "colour": "red", "size": "small", "text": "CAT"}
+    assert [perception._group_value(word, g) for g in perception.MATCH_GROUPS] == [
+        "word",
+        "words",
+        "red",
+        "small",
+        "CAT",
+    ]
+    assert perception._group_value({"kind": "background"}, "colour") is None
     model.eval()
     with torch.no_grad():
         model.region_pointer.weight.zero_()
         counts, features = perception._region_features(model, processor, [data / image], [boxes])
-        expected = match(model, features, counts) - match.offset  # (2W, N)
-        word = words.index("circle")
+        expected = match(model, features, counts)[match.row("kind", "circle")]  # (N,)
         prompt = [
             {"role": "user", "content": "find"},
             {"role": "assistant", "content": "<ground>circle</ground><objects>"},
@@ -422,7 +428,7 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
         model.region_match.weight.zero_()
         plain = model(**batch).logits[0, -1]
     ids = processor.region_token_ids[: len(boxes)]
-    torch.testing.assert_close((logits - plain)[ids], expected[2 * word], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((logits - plain)[ids], expected, atol=1e-4, rtol=1e-4)
     plain_model, _ = init_model(
         run_config_from_dict(_config(data, Path("x"), 1, stage0, model={"keep": "vlm"}))
     )

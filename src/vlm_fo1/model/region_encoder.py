@@ -15,9 +15,61 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from vlm_fo1.model.simple_fpn import LEVEL_FACTORS, SimpleFeaturePyramid
+
+
+def _axis_weights(
+    start: torch.Tensor,
+    end: torch.Tensor,
+    size: int,
+    output_size: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    """``(N, size)``: along one axis, the mean bilinear weight of each cell over RoIAlign's sample
+    points of each box (its ``output_size`` bins, ``sampling_ratio`` points per bin, or
+    ``ceil(extent / output_size)`` when it is -1), with torchvision's CPU rules at the borders:
+    a point beyond ``[-1, size]`` adds nothing, one below 0 reads cell 0, one at or beyond the last
+    cell reads the last cell. ``start`` / ``end``: ``(N,)`` box sides in cells."""
+    extent = end - start
+    if not aligned:
+        extent = extent.clamp(min=1.0)
+    bin_size = extent / output_size  # (N,)
+    grid = (
+        torch.full_like(extent, float(sampling_ratio))
+        if sampling_ratio > 0
+        else torch.ceil(extent / output_size)
+    )  # (N,) points per bin along this axis
+    most = max(int(grid.max()), 1) if grid.numel() else 1
+    step = torch.arange(most, dtype=extent.dtype, device=extent.device)  # (G,)
+    bins = torch.arange(output_size, dtype=extent.dtype, device=extent.device)  # (S,)
+    g = grid.clamp(min=1.0)[:, None, None]
+    points = (
+        start[:, None, None]
+        + bins[None, :, None] * bin_size[:, None, None]
+        + (step[None, None, :] + 0.5) * bin_size[:, None, None] / g
+    )  # (N, S, G)
+    used = (step[None, None, :] < grid[:, None, None]) & (points >= -1.0) & (points <= size)
+    p = points.clamp(min=0.0)
+    low = p.floor().clamp(max=size - 1)
+    at_end = low >= size - 1
+    p = torch.where(at_end, low, p)
+    high = torch.where(at_end, low, low + 1)
+    frac = p - low
+    weights = points.new_zeros(points.shape[0], size)
+    flat = (points.shape[0], -1)
+    used = used.to(points.dtype)
+    weights.scatter_add_(1, low.long().reshape(flat), ((1 - frac) * used).reshape(flat))
+    weights.scatter_add_(1, high.long().reshape(flat), (frac * used).reshape(flat))
+    return weights / (output_size * grid.clamp(min=1.0))[:, None]
+
+
+def _resize_matrix(source: int, target: int, device: torch.device) -> torch.Tensor:
+    """``(target, source)``: ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one
+    axis as a matrix (bilinear resizing is separable)."""
+    eye = torch.eye(source, device=device)[None, :, :, None]  # (1, source, source, 1)
+    return F.interpolate(eye, size=(target, 1), mode="bilinear", align_corners=False)[0, :, :, 0].T
 
 
 def pool_regions(
@@ -27,28 +79,45 @@ def pool_regions(
     output_size: int,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    resize_to: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Mean of RoIAlign bins, in float32.
+    """Mean of RoIAlign bins, in float32: ``torchvision.ops.roi_align(...).mean((2, 3))``.
+
+    RoIAlign's sample points form a grid that is the product of its row and column positions, and
+    bilinear weights factor the same way, so the mean over every point of every bin is
+    ``Σ_hw a_h F[:, h, w] b_w`` with one weight vector per axis (:func:`_axis_weights`). That is
+    the same number as torchvision's (its tests check it), with a backward pass that is two small
+    matrix products instead of a scatter over every sample point.
 
     Args:
         features: ``(C, H, W)`` one map, or ``(B, C, H, W)`` a batch of maps.
         boxes: ``(N, 4)`` xyxy for one map, or one ``(N_b, 4)`` tensor per map of the batch.
-        spatial_scale: box pixels to feature cells (1 / stride).
+        spatial_scale: box pixels to feature cells (1 / stride), in the frame of ``resize_to``
+            when it is given.
+        resize_to: pool the map as if first resized to ``(H', W')`` by
+            ``F.interpolate(mode="bilinear", align_corners=False)`` (without building it).
 
     Returns:
         ``(ΣN, C)``: the boxes of map 0, then map 1, …
     """
     if features.dim() == 3:
         features, boxes = features[None], [boxes]
-    pooled = roi_align(
-        features.float(),
-        [b.float() for b in boxes],
-        output_size=output_size,
-        spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio,
-        aligned=aligned,
-    )  # (ΣN, C, S, S)
-    return pooled.mean(dim=(2, 3))
+    features = features.float()
+    height, width = features.shape[-2:]
+    target = resize_to or (height, width)
+    rows = _resize_matrix(height, target[0], features.device) if resize_to else None
+    cols = _resize_matrix(width, target[1], features.device) if resize_to else None
+    pooled = []
+    for feature, box in zip(features, boxes, strict=True):
+        if not len(box):
+            continue
+        box = box.float() * spatial_scale - (0.5 if aligned else 0.0)
+        a = _axis_weights(box[:, 1], box[:, 3], target[0], output_size, sampling_ratio, aligned)
+        b = _axis_weights(box[:, 0], box[:, 2], target[1], output_size, sampling_ratio, aligned)
+        if rows is not None:
+            a, b = a @ rows, b @ cols  # (N, H), (N, W) on the map itself
+        pooled.append(torch.einsum("nh,chw,nw->nc", a, feature, b))
+    return torch.cat(pooled) if pooled else features.new_zeros(0, features.shape[1])
 
 
 def box_sine_embedding(boxes: torch.Tensor, frame_size: tuple[int, int], dim: int) -> torch.Tensor:
@@ -138,9 +207,17 @@ class HybridRegionEncoder(nn.Module):
         """Width of each region vector (aux + ViT branch)."""
         return self.aux_dim + self.vit_dim
 
-    def _pool(self, features: torch.Tensor, boxes: Any, stride: float) -> torch.Tensor:
+    def _pool(
+        self, features: torch.Tensor, boxes: Any, stride: float, resize_to: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         return pool_regions(
-            features, boxes, 1.0 / stride, self.roi_output_size, self.roi_sampling_ratio, self.roi_aligned
+            features,
+            boxes,
+            1.0 / stride,
+            self.roi_output_size,
+            self.roi_sampling_ratio,
+            self.roi_aligned,
+            resize_to,
         )
 
     def aux_branch(self, levels: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -150,15 +227,15 @@ class HybridRegionEncoder(nn.Module):
             levels: one ``(B, C_i, H_i, W_i)`` map per level, finest first.
             boxes: one ``(N_b, 4)`` tensor of aux-input-pixel boxes per image (may be empty).
 
-        Every level is bilinearly resized to the finest level's size and pooled at its stride;
-        pooling level by level gives the same numbers as pooling their channel concatenation.
+        Every level is bilinearly resized to the finest level's size and pooled at its stride (the
+        resize folded into the pooling weights); pooling level by level gives the same numbers as
+        pooling their channel concatenation.
         """
-        size = levels[0].shape[-2:]
+        size = tuple(levels[0].shape[-2:])
         pooled = []
         for level in levels:
-            if level.shape[-2:] != size:
-                level = F.interpolate(level.float(), size=size, mode="bilinear", align_corners=False)
-            pooled.append(self._pool(level, boxes, self.aux_strides[0]))
+            resize = size if tuple(level.shape[-2:]) != size else None
+            pooled.append(self._pool(level, boxes, self.aux_strides[0], resize))
         out = torch.cat(pooled, dim=1)
         return self.aux_region_norm(out) if self.aux_region_norm is not None else out
 

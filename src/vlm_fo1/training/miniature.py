@@ -321,17 +321,19 @@ def train_fo1(
         )
     else:
         stage1 = Path(stage1_from)
-    easy = _stage(
-        2,
-        out / "stage2_easy",
-        stage1,
-        _mix(world, EASY_MIX) if recipe.easy_tasks is None else [(world.easy, 1.0, recipe.easy_tasks)],
-        recipe.easy_steps,
-        recipe,
-        seed,
-        exclude_negatives=not negatives,
-        progress=progress,
-    )
+    easy = stage1  # easy_steps=0: no easy phase
+    if recipe.easy_steps:
+        easy = _stage(
+            2,
+            out / "stage2_easy",
+            stage1,
+            _mix(world, EASY_MIX) if recipe.easy_tasks is None else [(world.easy, 1.0, recipe.easy_tasks)],
+            recipe.easy_steps,
+            recipe,
+            seed,
+            exclude_negatives=not negatives,
+            progress=progress,
+        )
     return _stage(
         2,
         out / "stage2",
@@ -423,6 +425,8 @@ def first_records(path: str | Path, limit: int | None) -> list:
 
 
 def scaled(recipe: Recipe, factor: float) -> Recipe:
-    """``recipe`` with every step count multiplied by ``factor`` (at least 1 step each)."""
+    """``recipe`` with every step count multiplied by ``factor`` (at least 1 step each; a phase
+    with 0 steps stays off)."""
     names = ("base_steps", "perception_steps", "stage1_steps", "easy_steps", "full_steps")
-    return replace(recipe, **{n: max(1, round(getattr(recipe, n) * factor)) for n in names})
+    steps = {n: getattr(recipe, n) for n in names}
+    return replace(recipe, **{n: max(1, round(v * factor)) if v else 0 for n, v in steps.items()})

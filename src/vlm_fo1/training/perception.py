@@ -14,17 +14,18 @@ With ``match_weight`` (a model with ``region_pointer_match``) the connector and 
 matrix ``U`` train too, on the exact score the model later adds to each ``<regionN>`` logit:
 ``ê_w · U r_N / sqrt(D)``, where ``r_N`` is the region token (after the optional normalisation
 and name embedding) and ``ê_w`` the RMS-normalised mean input embedding of an attribute word's
-tokens (as :mod:`vlm_fo1.model.label_spans` forms the asked label). Each (region, word) pair is a
-binary question - is this region's object of that kind (or its plural), colour, size or text? -
-trained with a logistic loss, both spellings (``"circle"`` and ``" circle"``, which are different
-tokens) included. A question's words then already point at the regions they describe when stage 1
-starts.
+tokens (as :mod:`vlm_fo1.model.label_spans` forms the asked label). Each region answers one
+question per group - which kind (or its plural), colour, size or text is its object, or none? -
+by a cross-entropy over the group's words and one learnt "none" logit (the stand-in for
+``</objects>``), once per spelling (``"circle"`` and ``" circle"`` are different tokens). A
+question's words then already point at the regions they describe when stage 1 starts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -117,58 +118,91 @@ class _Heads(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
 
-def _match_words(per_box: Iterable[dict[str, str]]) -> list[str]:
-    """Every word a region can be asked about (sorted): kinds and their plurals, colours, sizes,
-    texts."""
-    words = set()
-    for labels in per_box:
-        if labels["kind"] != BACKGROUND:
-            words |= _positive_words(labels)
-    return sorted(words)
+MATCH_GROUPS = ("kind", "plural", "colour", "size", "text")
+"""What a region can be asked about: its kind, the kind's plural (counting labels), colour, size
+and, for words, the text."""
 
 
-def _positive_words(labels: dict[str, str]) -> set[str]:
-    """The words that describe a region's object (none for background)."""
+def _group_value(labels: dict[str, str], group: str) -> str | None:
+    """The word of ``group`` that describes a box's object (None: background, or no text)."""
     if labels["kind"] == BACKGROUND:
-        return set()
-    words = {labels["kind"], plural(labels["kind"]), labels["colour"], labels["size"]}
-    return words | ({labels["text"]} if "text" in labels else set())
+        return None
+    if group == "plural":
+        return plural(labels["kind"])
+    return labels.get(group)
 
 
 class _WordMatch(nn.Module):
-    """The model's label-region match (``ê_w · U r_N / sqrt(D)``) for a fixed list of words, each in
-    both spellings, plus a learnt logit offset (the perception loss's own; not saved)."""
+    """The model's label-region match (``ê_w · U r_N / sqrt(D)``) for the words of each group
+    (:data:`MATCH_GROUPS`), each word in both spellings, with one learnt "none of these" logit per
+    group (the perception loss's own; not saved)."""
 
-    def __init__(self, model: FO1ForConditionalGeneration, processor: FO1Processor, words: list[str]) -> None:
+    def __init__(
+        self, model: FO1ForConditionalGeneration, processor: FO1Processor, per_box: Iterable[dict[str, str]]
+    ) -> None:
         super().__init__()
         if model.region_match is None:
             raise ValueError("match_weight > 0 needs a model with region_pointer_match=True, got False")
+        per_box = list(per_box)
+        self.vocabulary = {
+            g: sorted({v for labels in per_box if (v := _group_value(labels, g)) is not None})
+            for g in MATCH_GROUPS
+        }
+        self.problems = [(g, spaced) for g in MATCH_GROUPS if self.vocabulary[g] for spaced in (False, True)]
         table = model.get_input_embeddings().weight.detach().float()
-        tokenizer = processor.tokenizer
-        spellings = [(w, s) for w in words for s in (w, " " + w)]
-        vectors = [table[tokenizer(s, add_special_tokens=False)["input_ids"]].mean(0) for _, s in spellings]
-        self.words = words
-        self.register_buffer("word_index", torch.tensor([words.index(w) for w, _ in spellings]))
-        self.register_buffer("labels", unit_rms(torch.stack(vectors)))  # (2W, D)
-        self.offset = nn.Parameter(torch.zeros(()))
+        vectors = []
+        for group, spaced in self.problems:
+            for word in self.vocabulary[group]:
+                ids = processor.tokenizer((" " if spaced else "") + word, add_special_tokens=False)[
+                    "input_ids"
+                ]
+                vectors.append(table[ids].mean(0))
+        self.register_buffer("labels", unit_rms(torch.stack(vectors)))  # (R, D), problems in order
+        self.none = nn.Parameter(torch.zeros(len(self.problems)))
         self.scale = model.config.text_config.hidden_size**0.5
+
+    def row(self, group: str, word: str, spaced: bool = False) -> int:
+        """Row of ``word`` (of ``group``, in that spelling) in :meth:`forward`'s scores."""
+        first = 0
+        for g, s in self.problems:
+            if (g, s) == (group, spaced):
+                return first + self.vocabulary[g].index(word)
+            first += len(self.vocabulary[g])
+        raise ValueError(f"no match problem {(group, spaced)}; have {self.problems}")
 
     def forward(
         self, model: FO1ForConditionalGeneration, features: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
-        """``(2W, ΣN)`` match logits of region-encoder outputs ``features`` ``(ΣN, width)``."""
+        """``(R, ΣN)`` the model's match scores of every word spelling with every region, from the
+        region-encoder outputs ``features`` ``(ΣN, width)``."""
         tokens = model.connector(features.to(model.connector_dtype))
         tokens = model._finish_region_tokens(tokens, torch.tensor(counts))  # (ΣN, D), as spliced in
         keys = model.region_match(tokens).float()
-        return self.labels @ keys.T / self.scale + self.offset  # (2W, ΣN)
+        return self.labels @ keys.T / self.scale
 
-    def targets(self, per_box: list[dict[str, str]]) -> torch.Tensor:
-        """``(2W, ΣN)`` 1 where the spelling's word describes the box."""
-        wanted = torch.zeros(len(self.words), len(per_box))
-        for j, labels in enumerate(per_box):
-            for word in _positive_words(labels):
-                wanted[self.words.index(word), j] = 1.0
-        return wanted[self.word_index]
+    def _logits(self, scores: torch.Tensor, per_box: list[dict[str, str]]):
+        """Per problem: logits ``(ΣN, k + 1)`` (the group's words, then "none") and targets ``(ΣN,)``."""
+        first = 0
+        for i, (group, _) in enumerate(self.problems):
+            words = self.vocabulary[group]
+            rows = scores[first : first + len(words)].T  # (ΣN, k)
+            none = self.none[i].expand(rows.shape[0], 1)
+            values = [_group_value(labels, group) for labels in per_box]
+            targets = torch.tensor([len(words) if v not in words else words.index(v) for v in values])
+            yield group, torch.cat([rows, none], dim=1), targets
+            first += len(words)
+
+    def loss(self, scores: torch.Tensor, per_box: list[dict[str, str]]) -> torch.Tensor:
+        """Mean cross-entropy over the problems: each box's word of the group, or "none"."""
+        losses = [F.cross_entropy(logits, targets) for _, logits, targets in self._logits(scores, per_box)]
+        return sum(losses) / len(losses)
+
+    def correct(self, scores: torch.Tensor, per_box: list[dict[str, str]]) -> int:
+        """Boxes whose kind (or "none" for background) wins the bare-spelling kind problem."""
+        for group, logits, targets in self._logits(scores, per_box):
+            if group == "kind":
+                return int((logits.argmax(-1) == targets).sum())
+        return 0
 
 
 def _region_features(
@@ -229,6 +263,24 @@ def _alignment_loss(
     return (1 - F.cosine_similarity(tokens[keep], wanted, dim=-1)).mean()
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _schedule(name: str, steps: int):
+    """Learning-rate factor of each step: constant, or a 5 % linear warm-up then a cosine to 0.1."""
+    warmup = max(1, round(0.05 * steps))
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def pretrain_region_perception(
     model: FO1ForConditionalGeneration,
     processor: FO1Processor,
@@ -242,6 +294,7 @@ def pretrain_region_perception(
     held_out: int | None = None,
     align_weight: float = 0.0,
     match_weight: float = 0.0,
+    lr_schedule: str = "constant",
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -260,8 +313,8 @@ def pretrain_region_perception(
             (benchmarks/RESULTS.md), so it is off by default.
         match_weight: weight of the word-match loss (module docstring), which also trains the
             connector and ``region_match``; needs ``region_pointer_match``. The held-out
-            ``match`` accuracy is the share of proposals whose best kind word (bare spelling) is
-            their kind, or that no kind word claims (logit < 0) when they are background.
+            ``match`` accuracy is the share of proposals whose kind word (bare spelling) wins the
+            kind problem, or whose "none" logit wins it when they are background.
 
     Raises:
         ValueError: for non-positive sizes or a file without usable scenes.
@@ -271,6 +324,8 @@ def pretrain_region_perception(
     scenes = read_scene_regions(scenes_path)
     if held_out is None:
         held_out = min(64, max(1, len(scenes) // 10))
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if steps < 1 or batch_size < 1 or held_out < 1:
         raise ValueError(
             f"steps, batch_size and held_out must be >= 1, got {steps}, {batch_size}, {held_out}"
@@ -284,19 +339,19 @@ def pretrain_region_perception(
     heads = _Heads(model.region_encoder.output_dim, classes)
     match = None
     if match_weight > 0:
-        match = _WordMatch(model, processor, _match_words(b for _, _, per_box in scenes for b in per_box))
-    kinds = [k for k in classes["kind"] if k != BACKGROUND]
+        match = _WordMatch(model, processor, (b for _, _, per_box in scenes for b in per_box))
     model.requires_grad_(False)
     trainable = [*model.region_encoder.parameters()]
     if align_weight > 0 or match is not None:
         trainable += [*model.connector.parameters()]
     if match is not None:
-        trainable += [*model.region_match.parameters(), match.offset]
+        trainable += [*model.region_match.parameters(), match.none]
     if model.aux_encoder is not None:
         trainable += [*model.aux_encoder.parameters()]
     for param in trainable:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW([*trainable, *heads.parameters()], lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, steps))
     rng = random.Random(seed)
     vectors = _word_vectors(model, processor, classes) if align_weight > 0 else {}
 
@@ -321,12 +376,11 @@ def pretrain_region_perception(
         if align_weight > 0:
             loss = loss + align_weight * _alignment_loss(model, features, counts, targets, classes, vectors)
         if match is not None:
-            scores = match(model, features, counts)
-            wanted = match.targets(targets["boxes"])
-            loss = loss + match_weight * F.binary_cross_entropy_with_logits(scores, wanted)
+            loss = loss + match_weight * match.loss(match(model, features, counts), targets["boxes"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
@@ -340,29 +394,12 @@ def pretrain_region_perception(
             for name in ATTRIBUTES:
                 correct[name] += int((logits[name].argmax(-1) == targets[name]).sum())
             if match is not None:
-                scores = match(model, features, counts)
-                correct["match"] += _match_correct(match, scores, targets["boxes"], kinds)
+                correct["match"] += match.correct(match(model, features, counts), targets["boxes"])
             total += len(targets["kind"])
     model.requires_grad_(True)
     accuracy = {name: hits / total for name, hits in correct.items()}
     logger.info("region perception after %d steps: held-out accuracy %s", steps, accuracy)
     return PerceptionResult(accuracy, steps, time.perf_counter() - start, heads)
-
-
-def _match_correct(
-    match: _WordMatch, scores: torch.Tensor, per_box: list[dict[str, str]], kinds: list[str]
-) -> int:
-    """Boxes whose best bare kind word is their kind (logit > 0), or background with every kind
-    word's logit < 0; ``scores`` ``(2W, ΣN)``, ``kinds`` the kind words."""
-    rows = torch.tensor([2 * match.words.index(k) for k in kinds])  # the bare spelling of each kind
-    best, index = scores[rows].max(dim=0)  # (ΣN,)
-    hits = 0
-    for j, labels in enumerate(per_box):
-        if labels["kind"] == BACKGROUND:
-            hits += int(best[j] < 0)
-        else:
-            hits += int(best[j] > 0 and kinds[int(index[j])] == labels["kind"])
-    return hits
 
 
 def probe_detection(
