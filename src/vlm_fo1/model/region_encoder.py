@@ -73,7 +73,7 @@ def _resize_matrix(source: int, target: int, device: torch.device) -> torch.Tens
 
 
 def pool_regions(
-    features: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
     boxes: torch.Tensor | Sequence[torch.Tensor],
     spatial_scale: float,
     output_size: int,
@@ -90,34 +90,47 @@ def pool_regions(
     matrix products instead of a scatter over every sample point.
 
     Args:
-        features: ``(C, H, W)`` one map, or ``(B, C, H, W)`` a batch of maps.
+        features: ``(C, H, W)`` one map, ``(B, C, H, W)`` a batch of maps, or a list of batches
+            (levels, ``(B, C_i, H_i, W_i)``) pooled with the same weights and concatenated on
+            channels; levels of another size than ``resize_to`` are pooled as if first resized
+            to it by ``F.interpolate(mode="bilinear", align_corners=False)`` (never built).
         boxes: ``(N, 4)`` xyxy for one map, or one ``(N_b, 4)`` tensor per map of the batch.
-        spatial_scale: box pixels to feature cells (1 / stride), in the frame of ``resize_to``
-            when it is given.
-        resize_to: pool the map as if first resized to ``(H', W')`` by
-            ``F.interpolate(mode="bilinear", align_corners=False)`` (without building it).
+        spatial_scale: box pixels to feature cells (1 / stride), in the frame of ``resize_to``.
+        resize_to: ``(H', W')``; default: the size of the (first) map.
 
     Returns:
-        ``(ΣN, C)``: the boxes of map 0, then map 1, …
+        ``(ΣN, ΣC)``: the boxes of map 0, then map 1, …
     """
-    if features.dim() == 3:
-        features, boxes = features[None], [boxes]
-    features = features.float()
-    height, width = features.shape[-2:]
-    target = resize_to or (height, width)
-    rows = _resize_matrix(height, target[0], features.device) if resize_to else None
-    cols = _resize_matrix(width, target[1], features.device) if resize_to else None
+    if torch.is_tensor(features):
+        if features.dim() == 3:
+            features, boxes = features[None], [boxes]
+        features = [features]
+    levels = [level.float() for level in features]
+    target = resize_to or tuple(levels[0].shape[-2:])
+    resize = [
+        None
+        if tuple(level.shape[-2:]) == tuple(target)
+        else (
+            _resize_matrix(level.shape[-2], target[0], level.device),
+            _resize_matrix(level.shape[-1], target[1], level.device),
+        )
+        for level in levels
+    ]
     pooled = []
-    for feature, box in zip(features, boxes, strict=True):
+    for index, box in enumerate(boxes):
         if not len(box):
             continue
         box = box.float() * spatial_scale - (0.5 if aligned else 0.0)
-        a = _axis_weights(box[:, 1], box[:, 3], target[0], output_size, sampling_ratio, aligned)
-        b = _axis_weights(box[:, 0], box[:, 2], target[1], output_size, sampling_ratio, aligned)
-        if rows is not None:
-            a, b = a @ rows, b @ cols  # (N, H), (N, W) on the map itself
-        pooled.append(torch.einsum("nh,chw,nw->nc", a, feature, b))
-    return torch.cat(pooled) if pooled else features.new_zeros(0, features.shape[1])
+        a = _axis_weights(box[:, 1], box[:, 3], target[0], output_size, sampling_ratio, aligned)  # (N, H')
+        b = _axis_weights(box[:, 0], box[:, 2], target[1], output_size, sampling_ratio, aligned)  # (N, W')
+        parts = []
+        for level, matrices in zip(levels, resize, strict=True):
+            a_l, b_l = (a, b) if matrices is None else (a @ matrices[0], b @ matrices[1])  # on the map itself
+            rows = torch.einsum("nh,chw->ncw", a_l, level[index])  # (N, C, W)
+            parts.append(torch.einsum("ncw,nw->nc", rows, b_l))
+        pooled.append(torch.cat(parts, dim=1))
+    channels = sum(level.shape[1] for level in levels)
+    return torch.cat(pooled) if pooled else levels[0].new_zeros(0, channels)
 
 
 def box_sine_embedding(boxes: torch.Tensor, frame_size: tuple[int, int], dim: int) -> torch.Tensor:
@@ -208,7 +221,7 @@ class HybridRegionEncoder(nn.Module):
         return self.aux_dim + self.vit_dim
 
     def _pool(
-        self, features: torch.Tensor, boxes: Any, stride: float, resize_to: tuple[int, int] | None = None
+        self, features: Any, boxes: Any, stride: float, resize_to: tuple[int, int] | None = None
     ) -> torch.Tensor:
         return pool_regions(
             features,
@@ -231,12 +244,7 @@ class HybridRegionEncoder(nn.Module):
         resize folded into the pooling weights); pooling level by level gives the same numbers as
         pooling their channel concatenation.
         """
-        size = tuple(levels[0].shape[-2:])
-        pooled = []
-        for level in levels:
-            resize = size if tuple(level.shape[-2:]) != size else None
-            pooled.append(self._pool(level, boxes, self.aux_strides[0], resize))
-        out = torch.cat(pooled, dim=1)
+        out = self._pool(list(levels), boxes, self.aux_strides[0], tuple(levels[0].shape[-2:]))
         return self.aux_region_norm(out) if self.aux_region_norm is not None else out
 
     def vit_branch(self, features: torch.Tensor, stride: float, boxes: torch.Tensor) -> torch.Tensor:
