@@ -321,11 +321,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vlm_fo1.synthetic import TaskMix, difficulty_configs, generate_dataset
+    from vlm_fo1.synthetic import RELEASE_NMS_IOU, TaskMix, difficulty_configs, generate_dataset
 
     mix = TaskMix.general() if args.general else TaskMix(negative_ratio=args.negative_ratio)
     scenes, proposals = difficulty_configs(
-        args.difficulty, max_proposals=args.max_proposals, recall=args.recall
+        args.difficulty,
+        max_proposals=args.max_proposals,
+        recall=args.recall,
+        nms_iou=None if args.no_nms else RELEASE_NMS_IOU,
     )
     path = generate_dataset(
         args.out,
@@ -400,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--negative-ratio", type=float, default=0.2)
     synth.add_argument("--max-proposals", type=int, default=32)
     synth.add_argument("--recall", type=float, default=0.95, help="simulated proposal recall")
+    synth.add_argument(
+        "--no-nms",
+        action="store_true",
+        help="keep every simulated box (default: the release's NMS at IoU 0.8)",
+    )
     synth.add_argument(
         "--difficulty",
         choices=["easy", "medium", "full"],

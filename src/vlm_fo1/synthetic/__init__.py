@@ -28,7 +28,13 @@ from vlm_fo1.synthetic.language import (
     vqa_questions,
     world_vocabulary,
 )
-from vlm_fo1.synthetic.proposals import ProposalConfig, Proposals, match_proposals, simulate_proposals
+from vlm_fo1.synthetic.proposals import (
+    RELEASE_NMS_IOU,
+    ProposalConfig,
+    Proposals,
+    match_proposals,
+    simulate_proposals,
+)
 from vlm_fo1.synthetic.scenes import WORD_KIND, Scene, SceneConfig, SceneObject, render_scene
 from vlm_fo1.synthetic.tasks import (
     GENERAL_TASKS,
@@ -49,6 +55,7 @@ __all__ = [
     "GENERAL_TASKS",
     "NEGATIVE_TASKS",
     "REGION_TASKS",
+    "RELEASE_NMS_IOU",
     "TASK_NAMES",
     "VQA_QUESTION_FORMS",
     "WORD_KIND",

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vlm_fo1.data.records import ConversationRecord, write_records
-from vlm_fo1.synthetic.proposals import ProposalConfig, Proposals, simulate_proposals
+from vlm_fo1.synthetic.proposals import RELEASE_NMS_IOU, ProposalConfig, Proposals, simulate_proposals
 from vlm_fo1.synthetic.scenes import Scene, SceneConfig, render_scene
 from vlm_fo1.synthetic.tasks import NegativeBalance, TaskMix, make_records
 
@@ -70,7 +70,11 @@ DIFFICULTIES = ("easy", "medium", "full")
 
 
 def difficulty_configs(
-    difficulty: str, *, max_proposals: int = 100, recall: float = 0.95, nms_iou: float | None = None
+    difficulty: str,
+    *,
+    max_proposals: int = 100,
+    recall: float = 0.95,
+    nms_iou: float | None = RELEASE_NMS_IOU,
 ) -> tuple[SceneConfig, ProposalConfig]:
     """Scene and proposal settings of a curriculum level.
 
@@ -78,8 +82,9 @@ def difficulty_configs(
     many (a curriculum breaks the plateau, see docs/training.md), so stage 2 starts on ``easy``
     scenes: one or two objects whose single tight proposal is joined by at most one background
     box. ``medium`` has up to four objects with some duplicates, parts and distractors; ``full``
-    is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults). ``nms_iou``
-    passes every level's proposals through the release's NMS (:class:`ProposalConfig`).
+    is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults). ``nms_iou``:
+    every level's proposals pass the release's NMS at this IoU (:class:`ProposalConfig`; None
+    keeps every box).
 
     Raises:
         ValueError: for an unknown difficulty.

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 _MIN_SIDE = 1.0
 _DISTRACTOR_MAX_IOU = 0.3
+RELEASE_NMS_IOU = 0.8
+"""The release filters its proposal network's boxes with NMS at this IoU before the VLM sees them
+(official-release.md §6); the simulated network does the same by default."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,10 @@ class ProposalConfig:
         object_score / loose_score / part_score / distractor_score: ``(low, high)`` ranges; the
             object score grows with IoU inside its range, and ``score_noise`` is added to all.
         max_proposals: cap after sorting by score (the release uses 100).
-        nms_iou: when set, greedy class-agnostic non-maximum suppression at this IoU before the
-            cap, as the release filters its detector's boxes (0.8); None keeps every box.
+        nms_iou: greedy class-agnostic non-maximum suppression at this IoU before the cap, as
+            the release filters its detector's boxes (:data:`RELEASE_NMS_IOU`, the default): tight
+            duplicates of one object go, looser copies (IoU below it), parts and distractors stay;
+            None keeps every box.
     """
 
     recall: float = 0.95
@@ -59,7 +64,7 @@ class ProposalConfig:
     distractor_score: tuple[float, float] = (0.05, 0.6)
     score_noise: float = 0.04
     max_proposals: int = 100
-    nms_iou: float | None = None
+    nms_iou: float | None = RELEASE_NMS_IOU
 
     def __post_init__(self) -> None:
         for name in ("recall", "loose_probability", "part_probability", "clutter_distractor_probability"):

@@ -27,7 +27,7 @@ from typing import Any
 
 from vlm_fo1.data.records import read_records, write_records
 from vlm_fo1.evaluation.coords import COORDINATE_TASKS, to_coordinate_record
-from vlm_fo1.synthetic import GENERAL_TASKS, TaskMix, difficulty_configs, generate_dataset
+from vlm_fo1.synthetic import GENERAL_TASKS, RELEASE_NMS_IOU, TaskMix, difficulty_configs, generate_dataset
 from vlm_fo1.training.config import run_config_from_dict
 from vlm_fo1.training.perception import pretrain_region_perception
 from vlm_fo1.training.trainer import init_model, train
@@ -65,7 +65,7 @@ class WorldSpec:
     val_general: int = 150
     recalls: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     max_proposals: int = 32
-    nms_iou: float | None = None
+    nms_iou: float | None = RELEASE_NMS_IOU
     seed: int = 0
     val_seed: int = 1000
 
