@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -482,3 +483,44 @@ def _negated(heads):
         for layer in heads.heads.values():
             layer.weight.neg_()
     return heads
+
+
+# -- dense pretraining of the auxiliary encoder -------------------------------------------------------------
+def test_cell_targets_read_the_object_map_at_cell_centres():
+    from vlm_fo1.training.aux_pretraining import cell_targets
+
+    object_map = -np.ones((8, 12), dtype=np.int16)
+    object_map[0:4, 0:6] = 0  # object 0: top-left quarter
+    object_map[4:8, 6:12] = 1  # object 1: bottom-right quarter
+    classes = ["background", "circle", "star"]
+    got = cell_targets(object_map, ["star", "circle"], classes, (2, 3))
+    # cell centres: rows 2 and 6, columns 2, 6 and 10
+    assert got.tolist() == [[2, 0, 0], [0, 1, 1]]
+
+
+def test_aux_pretraining_trains_only_the_aux_encoder_and_reports_cell_accuracy(stage0, tmp_path):
+    from vlm_fo1.training.aux_pretraining import pretrain_aux_encoder, read_mask_scenes
+
+    data = tmp_path / "world"
+    generate_dataset(data, 24, seed=5, split_name="train", proposal_config=ProposalConfig(max_proposals=8))
+    scenes = data / "train_scenes.jsonl"
+    assert len(read_mask_scenes([scenes])) == 24
+    config = run_config_from_dict(_config(data, Path("x"), 1, stage0, model={"keep": "vlm"}))
+    model, processor = init_model(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = pretrain_aux_encoder(
+        model, processor, [scenes], steps=3, batch_size=4, held_out=4, progress=False
+    )
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"aux_encoder"}
+    assert set(result.accuracy) == {"kind", "colour", "background"}
+    assert all(0.0 <= v <= 1.0 for v in result.accuracy.values())
+    with pytest.raises(ValueError, match="held_out"):
+        pretrain_aux_encoder(model, processor, [scenes], steps=1, held_out=24, progress=False)
+    old = tmp_path / "old_scenes.jsonl"
+    old.write_text(
+        json.dumps({k: v for k, v in json.loads(scenes.read_text().splitlines()[0]).items() if k != "mask"})
+        + "\n"
+    )
+    with pytest.raises(ValueError, match="without an object map"):
+        read_mask_scenes([old])

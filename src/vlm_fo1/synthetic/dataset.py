@@ -3,10 +3,12 @@
 Layout of ``out_dir`` after :func:`generate_dataset` (``split = "train"``)::
 
     images/train-000000.png …       the scenes
+    masks/train-000000.png …        8-bit object maps: pixel value k > 0 shows object k - 1
+                                    of the scene's ``objects``, 0 none (``Scene.object_map``)
     train.jsonl                     ConversationRecords (``image`` relative to ``out_dir``)
     train_scenes.jsonl              one line per scene: seed, size, objects, proposals with
-                                    their source object and IoU (for analysis; evaluation needs
-                                    only the records' ``meta``)
+                                    their source object and IoU, the mask's path (for analysis
+                                    and pretraining; evaluation needs only the records' ``meta``)
 
 Every scene, proposal set and task choice has its own seed, derived from ``(seed, split_name,
 scene index)`` by :func:`derive_seed`; different split names give unrelated scenes, so training
@@ -23,6 +25,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlm_fo1.data.records import ConversationRecord, write_records
@@ -39,11 +43,12 @@ def derive_seed(seed: int, *parts: str | int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
 
 
-def scene_truth(scene: Scene, proposals: Proposals, image: str) -> dict[str, object]:
-    """One line of ``{split}_scenes.jsonl``."""
+def scene_truth(scene: Scene, proposals: Proposals, image: str, mask: str | None = None) -> dict[str, object]:
+    """One line of ``{split}_scenes.jsonl`` (``mask``: the object map's path, when written)."""
     return {
         "seed": scene.seed,
         "image": image,
+        **({"mask": mask} if mask is not None else {}),
         "size": list(scene.size),
         "objects": [o.to_json() for o in scene.objects],
         "proposals": {
@@ -53,6 +58,12 @@ def scene_truth(scene: Scene, proposals: Proposals, image: str) -> dict[str, obj
             "iou": list(proposals.iou),
         },
     }
+
+
+def save_object_map(scene: Scene, path: Path) -> None:
+    """The scene's object map as an 8-bit PNG: object index + 1, 0 where no object shows."""
+    assert scene.object_map is not None and len(scene.objects) < 255
+    Image.fromarray((scene.object_map + 1).astype(np.uint8), "L").save(path, format="PNG")
 
 
 def build_scene(
@@ -130,6 +141,7 @@ def generate_dataset(
     mix = mix or TaskMix()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
     truth_path = out / f"{split_name}_scenes.jsonl"
 
     def records() -> Iterator[ConversationRecord]:
@@ -138,9 +150,10 @@ def generate_dataset(
             progress = tqdm(range(num_scenes), desc=f"{split_name} scenes", disable=not sys.stderr.isatty())
             for index in progress:
                 scene, proposals = build_scene(seed, split_name, index, scene_config, proposal_config)
-                image = f"images/{split_name}-{index:06d}.png"
+                image, mask = f"images/{split_name}-{index:06d}.png", f"masks/{split_name}-{index:06d}.png"
                 scene.image.save(out / image, format="PNG")
-                truth.write(json.dumps(scene_truth(scene, proposals, image)) + "\n")
+                save_object_map(scene, out / mask)
+                truth.write(json.dumps(scene_truth(scene, proposals, image, mask)) + "\n")
                 rng = random.Random(derive_seed(seed, split_name, index, "tasks"))
                 yield from make_records(scene, proposals, mix, rng, image, balance=balance)
 

@@ -203,7 +203,8 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A rendered scene: the image, its objects (in z order), ``size = (width, height)``, its seed."""
+    """A rendered scene: the image, its objects (in z order), ``size = (width, height)``, its seed;
+    ``object_map`` ``(H, W)`` int16: the index of the object each pixel shows, -1 for none."""
 
     image: Image.Image = field(compare=False)
     objects: tuple[SceneObject, ...]
@@ -211,6 +212,7 @@ class Scene:
     seed: int
     clutter_boxes: tuple[Box, ...] = ()
     config: SceneConfig = field(default_factory=SceneConfig, repr=False, compare=False)
+    object_map: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -368,8 +370,10 @@ def render_scene(config: SceneConfig, rng: random.Random | int) -> Scene:
             other.visible &= ~new.mask
         placed.append(new)
     pixels = np.array(image)
-    for item in placed:
+    object_map = np.full((size[1], size[0]), -1, dtype=np.int16)
+    for index, item in enumerate(placed):
         pixels[item.mask] = item.rgb
+        object_map[item.visible] = index  # visible masks are disjoint: each pixel shows one object
     objects = tuple(
         SceneObject(
             kind=p.kind,
@@ -383,4 +387,4 @@ def render_scene(config: SceneConfig, rng: random.Random | int) -> Scene:
         )
         for z, p in enumerate(placed)
     )
-    return Scene(Image.fromarray(pixels, "RGB"), objects, size, seed, clutter, config)
+    return Scene(Image.fromarray(pixels, "RGB"), objects, size, seed, clutter, config, object_map)

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
+
 from vlm_fo1.data.records import read_records, write_records
 from vlm_fo1.evaluation.coords import COORDINATE_TASKS, to_coordinate_record
 from vlm_fo1.synthetic import GENERAL_TASKS, RELEASE_NMS_IOU, TaskMix, difficulty_configs, generate_dataset
+from vlm_fo1.training.aux_pretraining import pretrain_aux_encoder
 from vlm_fo1.training.config import run_config_from_dict
 from vlm_fo1.training.perception import pretrain_region_perception
 from vlm_fo1.training.trainer import init_model, train
@@ -91,6 +94,8 @@ class Recipe:
     """Steps and settings of every phase (the same for every arm of a comparison)."""
 
     base_steps: int = 600
+    aux_pretrain_steps: int = 1000
+    """Dense pretraining of the shared auxiliary encoder (:func:`pretrain_aux`; 0: none)."""
     perception_steps: int = 200
     perception_align_weight: float = 0.0
     perception_match_weight: float = 0.0
@@ -255,6 +260,40 @@ def train_base(
     )
 
 
+AUX_WEIGHTS = "aux_encoder.safetensors"
+
+
+def pretrain_aux(
+    world: World, out: str | Path, recipe: Recipe = Recipe(), *, seed: int = 0, progress: bool = False
+) -> Path | None:
+    """The shared auxiliary encoder (``training.aux_pretraining``, the stand-in for a pretrained
+    DaViT) on the full-world training and general scenes: ``out/aux_encoder.safetensors`` (reused
+    when present), or None with ``recipe.aux_pretrain_steps == 0``. Needs no base: the encoder
+    is independent of the VLM."""
+    if not recipe.aux_pretrain_steps:
+        return None
+    out = Path(out)
+    weights = out / AUX_WEIGHTS
+    if weights.is_file():
+        logger.info("reusing the pretrained auxiliary encoder %s", weights)
+        return weights
+    config = run_config_from_dict(
+        {"stage": 0, "seed": seed, "model": {"preset": recipe.preset, "overrides": recipe.overrides},
+         "data": {"train": [{"path": str(world.full)}]}}
+    )  # fmt: skip
+    model, processor = init_model(config)
+    scenes = [p.with_name(f"{p.stem}_scenes.jsonl") for p in (world.full, world.general)]
+    result = pretrain_aux_encoder(
+        model, processor, scenes, steps=recipe.aux_pretrain_steps, batch_size=recipe.batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.aux_encoder.state_dict().items()}, out / f".{AUX_WEIGHTS}")
+    (out / f".{AUX_WEIGHTS}").replace(weights)
+    (out / "aux_pretraining.json").write_text(json.dumps(result.to_json(), indent=2))
+    return weights
+
+
 def perceive(
     base: str | Path,
     scenes: str | Path,
@@ -263,16 +302,20 @@ def perceive(
     recipe: Recipe = Recipe(),
     *,
     seed: int = 0,
+    aux_from: str | Path | None = None,
     progress: bool = False,
 ) -> Path:
     """A fresh FO1 region side on ``base``'s VLM, pretrained on ``scenes`` (``*_scenes.jsonl``)
-    by :func:`pretrain_region_perception`; saved with its processor to ``out``."""
+    by :func:`pretrain_region_perception`; saved with its processor to ``out``. ``aux_from``: the
+    auxiliary encoder's starting weights (:func:`pretrain_aux`; ignored by a ViT-only model)."""
     overrides = dict(recipe.overrides if overrides is None else overrides)
     config = run_config_from_dict(
         {"stage": 1, "seed": seed, "model": {"init": str(base), "keep": "vlm", "overrides": overrides},
          "data": {"train": [{"path": str(scenes)}]}}
     )  # fmt: skip
     model, processor = init_model(config)
+    if aux_from is not None and model.aux_encoder is not None:
+        model.aux_encoder.load_state_dict(load_file(str(aux_from)))
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
         align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
@@ -297,6 +340,7 @@ def train_fo1(
     negatives: bool = True,
     perception_from: str | Path | None = None,
     stage1_from: str | Path | None = None,
+    aux_from: str | Path | None = None,
     progress: bool = False,
 ) -> Path:
     """An FO1 arm: perception → stage 1 → stage 2 (easy) → stage 2 (medium + full); returns the
@@ -308,7 +352,9 @@ def train_fo1(
         perceived = Path(perception_from) if perception_from is not None else out / "perception"
         if not (perceived / "config.json").is_file():
             scenes = world.full.with_name(f"{world.full.stem}_scenes.jsonl")
-            perceive(base, scenes, perceived, overrides, recipe, seed=seed, progress=progress)
+            perceive(
+                base, scenes, perceived, overrides, recipe, seed=seed, aux_from=aux_from, progress=progress
+            )
         stage1 = _stage(
             1,
             out / "stage1",
@@ -427,6 +473,13 @@ def first_records(path: str | Path, limit: int | None) -> list:
 def scaled(recipe: Recipe, factor: float) -> Recipe:
     """``recipe`` with every step count multiplied by ``factor`` (at least 1 step each; a phase
     with 0 steps stays off)."""
-    names = ("base_steps", "perception_steps", "stage1_steps", "easy_steps", "full_steps")
+    names = (
+        "base_steps",
+        "aux_pretrain_steps",
+        "perception_steps",
+        "stage1_steps",
+        "easy_steps",
+        "full_steps",
+    )
     steps = {n: getattr(recipe, n) for n in names}
     return replace(recipe, **{n: max(1, round(v * factor)) if v else 0 for n, v in steps.items()})
