@@ -59,8 +59,20 @@ def _init_worker(threads: int) -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
+def _pretrain(kind: str, out: str, world_root: str, scale: float) -> str | None:
+    """The shared starting points, one per worker: the stage-0 base or the auxiliary encoder."""
+    from vlm_fo1.training.miniature import Recipe, WorldSpec, make_world, pretrain_aux, scaled, train_base
+
+    world = make_world(world_root, WorldSpec())
+    recipe = scaled(Recipe(), scale)
+    if kind == "base":
+        return str(train_base(world, Path(out) / "base", recipe))
+    aux = pretrain_aux(world.aux_scenes, Path(out) / "aux", recipe)
+    return None if aux is None else str(aux)
+
+
 def _run_arm(
-    arm: str, seed: int, out: str, base: str, world_root: str, scale: float, limit: int
+    arm: str, seed: int, out: str, base: str, aux: str | None, world_root: str, scale: float, limit: int
 ) -> dict[str, Any]:
     from vlm_fo1.training.miniature import (
         Recipe,
@@ -91,6 +103,7 @@ def _run_arm(
             region_source=source,
             negatives=arm != "no-neg",
             stage1_from=stage1,
+            aux_from=aux,
         )
         val, val_easy = world.val, world.val_easy
     result = {
@@ -222,12 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         first_records,
         make_world,
         scaled,
-        train_base,
     )
 
     world = make_world(args.data or out / "data", WorldSpec())
     recipe = scaled(Recipe(), args.scale)
-    base = train_base(world, out / "base", recipe)
     cores = os.cpu_count() or 1
     if args.demo_only:
         args.arms, args.seeds, args.jobs = ["hybrid"], [0], 1
@@ -235,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     later = [(a, s) for s in args.seeds for a in args.arms if a == "no-neg"]  # needs hybrid's stage 1
     threads = max(1, cores // args.jobs)
     results = []
-    common = (str(out), str(base), str(world.root), args.scale, args.val_limit)
+    with ProcessPoolExecutor(2, initializer=_init_worker, initargs=(max(1, cores // 2),)) as pool:
+        # The stage-0 base and the auxiliary encoder's dense pretraining do not depend on each other.
+        shared = [
+            pool.submit(_pretrain, kind, str(out), str(world.root), args.scale) for kind in ("base", "aux")
+        ]
+        base, aux = (future.result() for future in shared)
+    common = (str(out), base, aux, str(world.root), args.scale, args.val_limit)
     with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {job: pool.submit(_run_arm, *job, *common) for job in jobs}
         for job in later:

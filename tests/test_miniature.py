@@ -285,3 +285,42 @@ def test_perceive_command_writes_a_checkpoint_with_its_accuracy(world, tmp_path,
     assert (out / "config.json").is_file() and "region side pretrained" in capsys.readouterr().out
     accuracy = json.loads((out / "perception.json").read_text())["accuracy"]
     assert set(accuracy) == {"kind", "colour", "size"} and all(0 <= v <= 1 for v in accuracy.values())
+
+
+def test_pretrain_aux_command_and_perceive_from_its_weights(world, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from vlm_fo1.cli import main
+    from vlm_fo1.model import FO1ForConditionalGeneration
+
+    aux = tmp_path / "aux"
+    args = ["pretrain-aux", str(aux), *map(str, world.aux_scenes), "--steps", "2", "--batch-size", "2"]
+    assert main([*args, "--preset", "tiny", "--no-progress"]) == 0
+    weights = aux / "aux_encoder.safetensors"
+    assert weights.is_file() and "auxiliary encoder pretrained" in capsys.readouterr().out
+    assert set(json.loads((aux / "aux_pretraining.json").read_text())["accuracy"]) == {
+        "kind",
+        "colour",
+        "background",
+    }
+    base = train_base(world, tmp_path / "base", TINY_RECIPE)
+    out = tmp_path / "perceived"
+    perceive = [
+        "perceive",
+        str(base),
+        str(world.aux_scenes[0]),
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
+    assert main([*perceive, "--aux-from", str(weights), "--no-progress"]) == 0
+    model = FO1ForConditionalGeneration.from_pretrained(out)
+    pretrained = load_file(str(weights))
+    # One AdamW step at lr 1e-3 moves each weight by about 1e-3: it started from the given weights.
+    gap = max(
+        (v.float() - pretrained[k].float()).abs().max().item()
+        for k, v in model.aux_encoder.state_dict().items()
+    )
+    assert 0 < gap < 0.01

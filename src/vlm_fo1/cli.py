@@ -90,9 +90,35 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
         else args.match_weight,
     )
     out = perceive(
-        args.base, args.scenes, args.out, overrides, recipe, seed=args.seed, progress=not args.no_progress
+        args.base,
+        args.scenes,
+        args.out,
+        overrides,
+        recipe,
+        seed=args.seed,
+        aux_from=args.aux_from,
+        progress=not args.no_progress,
     )
     print(f"region side pretrained; checkpoint in {out} (held-out accuracy in {out / 'perception.json'})")
+    return 0
+
+
+def _cmd_pretrain_aux(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from vlm_fo1.training.miniature import Recipe, pretrain_aux
+
+    recipe = Recipe()
+    recipe = replace(
+        recipe,
+        aux_pretrain_steps=args.steps or recipe.aux_pretrain_steps,
+        batch_size=args.batch_size,
+        preset=args.preset,
+    )
+    out = pretrain_aux(args.scenes, args.out, recipe, seed=args.seed, progress=not args.no_progress)
+    print(
+        f"auxiliary encoder pretrained; weights in {out} (held-out accuracy in {args.out}/aux_pretraining.json)"
+    )
     return 0
 
 
@@ -437,9 +463,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="word-match loss weight (trains the connector and the label-region match; the recipe's by default)",
     )
     perceive.add_argument("--region-source", choices=["hybrid", "vit", "aux"], default="hybrid")
+    perceive.add_argument(
+        "--aux-from", default=None, help="auxiliary-encoder weights to start from (vlm-fo1 pretrain-aux)"
+    )
     perceive.add_argument("--seed", type=int, default=0)
     perceive.add_argument("--no-progress", action="store_true")
     perceive.set_defaults(func=_cmd_perceive)
+
+    pretrain_aux = sub.add_parser(
+        "pretrain-aux",
+        help="miniature world: dense pretraining of the auxiliary encoder on a world's object maps",
+    )
+    pretrain_aux.add_argument("out", help="directory for aux_encoder.safetensors")
+    pretrain_aux.add_argument("scenes", nargs="+", help="{split}_scenes.jsonl files written by vlm-fo1 synth")
+    pretrain_aux.add_argument("--steps", type=int, default=None, help="the miniature recipe's by default")
+    pretrain_aux.add_argument("--batch-size", type=int, default=16)
+    pretrain_aux.add_argument(
+        "--preset",
+        choices=["mini", "tiny"],
+        default="mini",
+        help="architecture (that of the base used later)",
+    )
+    pretrain_aux.add_argument("--seed", type=int, default=0)
+    pretrain_aux.add_argument("--no-progress", action="store_true")
+    pretrain_aux.set_defaults(func=_cmd_pretrain_aux)
 
     demo = sub.add_parser(
         "demo", help="the shipped miniature-world checkpoint on a generated scene (offline; writes a PNG)"

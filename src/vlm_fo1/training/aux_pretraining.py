@@ -125,7 +125,7 @@ def pretrain_aux_encoder(
     lr: float = 1e-3,
     background_weight: float = 0.2,
     seed: int = 0,
-    held_out: int = 64,
+    held_out: int | None = None,
     progress: bool = True,
 ) -> AuxPretrainResult:
     """Train ``model.aux_encoder`` in place on per-cell kind and colour (module docstring).
@@ -135,7 +135,8 @@ def pretrain_aux_encoder(
         steps / batch_size / lr: AdamW steps, images per step, learning rate.
         background_weight: weight of background cells in the cross-entropy (most cells are
             background).
-        held_out: the last ``held_out`` scenes are not trained on and give the reported accuracy.
+        held_out: the last ``held_out`` scenes are not trained on and give the reported accuracy
+            (default: a tenth of the scenes, between 1 and 64).
 
     Raises:
         ValueError: for a model without an auxiliary encoder, non-positive sizes, or too few scenes.
@@ -143,11 +144,13 @@ def pretrain_aux_encoder(
     start = time.perf_counter()
     if model.aux_encoder is None:
         raise ValueError("auxiliary-encoder pretraining needs a model with one (region_source hybrid or aux)")
+    scenes = read_mask_scenes(scenes_paths)
+    if held_out is None:
+        held_out = min(64, max(1, len(scenes) // 10))
     if steps < 1 or batch_size < 1 or held_out < 1:
         raise ValueError(
             f"steps, batch_size and held_out must be >= 1, got {steps}, {batch_size}, {held_out}"
         )
-    scenes = read_mask_scenes(scenes_paths)
     if len(scenes) <= held_out:
         raise ValueError(f"need more than held_out={held_out} scenes, got {len(scenes)}")
     train_scenes, test_scenes = scenes[:-held_out], scenes[-held_out:]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,12 @@ class World:
     val_general: Path
     val_recall: dict[float, Path]
     coords: dict[str, Path]  # split -> coordinate-format records (easy, medium, full, val, val_easy)
+
+    @property
+    def aux_scenes(self) -> list[Path]:
+        """Scene truth (with object maps) of the full-world training and general splits: the data of
+        the auxiliary encoder's dense pretraining."""
+        return [p.with_name(f"{p.stem}_scenes.jsonl") for p in (self.full, self.general)]
 
 
 @dataclass(frozen=True)
@@ -264,12 +271,17 @@ AUX_WEIGHTS = "aux_encoder.safetensors"
 
 
 def pretrain_aux(
-    world: World, out: str | Path, recipe: Recipe = Recipe(), *, seed: int = 0, progress: bool = False
+    scenes: Sequence[str | Path],
+    out: str | Path,
+    recipe: Recipe = Recipe(),
+    *,
+    seed: int = 0,
+    progress: bool = False,
 ) -> Path | None:
     """The shared auxiliary encoder (``training.aux_pretraining``, the stand-in for a pretrained
-    DaViT) on the full-world training and general scenes: ``out/aux_encoder.safetensors`` (reused
-    when present), or None with ``recipe.aux_pretrain_steps == 0``. Needs no base: the encoder
-    is independent of the VLM."""
+    DaViT) on ``scenes`` (``*_scenes.jsonl`` with object maps; the recipe's are
+    ``World.aux_scenes``): ``out/aux_encoder.safetensors`` (reused when present), or None with
+    ``recipe.aux_pretrain_steps == 0``. Needs no base: the encoder is independent of the VLM."""
     if not recipe.aux_pretrain_steps:
         return None
     out = Path(out)
@@ -279,10 +291,9 @@ def pretrain_aux(
         return weights
     config = run_config_from_dict(
         {"stage": 0, "seed": seed, "model": {"preset": recipe.preset, "overrides": recipe.overrides},
-         "data": {"train": [{"path": str(world.full)}]}}
+         "data": {"train": [{"path": str(scenes[0])}]}}
     )  # fmt: skip
     model, processor = init_model(config)
-    scenes = [p.with_name(f"{p.stem}_scenes.jsonl") for p in (world.full, world.general)]
     result = pretrain_aux_encoder(
         model, processor, scenes, steps=recipe.aux_pretrain_steps, batch_size=recipe.batch_size, seed=seed,
         progress=progress,
