@@ -4,7 +4,9 @@
     python benchmarks/miniature.py --scale 0.25 --seeds 0   # a quick look
     python benchmarks/miniature.py --demo-only          # just the demo checkpoint (hybrid, seed 0)
 
-Arms, all from one shared stage-0 base and with the same step budget (``training.miniature``):
+Arms, all from one shared stage-0 base and with the same step budget (``training.miniature``);
+the base and the dense pretraining of the auxiliary encoder run first, side by side, and every
+arm that uses the DaViT starts from that encoder:
 
     hybrid     FO1 with both encoders (ViT + auxiliary DaViT)          region_source=hybrid
     vit        primary ViT only                                         region_source=vit

@@ -51,8 +51,9 @@ FO1_OVERRIDES = {
     "region_name_embedding": True,
     "region_pointer": True,
     "region_pointer_label": True,
+    "region_pointer_match": True,
 }
-"""Model options of the miniature FO1 arms (see ``FO1Config``; the last four are not in the release)."""
+"""Model options of the miniature FO1 arms (see ``FO1Config``; the last five are not in the release)."""
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,17 @@ class Recipe:
     """Dense pretraining of the shared auxiliary encoder (:func:`pretrain_aux`; 0: none)."""
     perception_steps: int = 200
     perception_align_weight: float = 0.0
-    perception_match_weight: float = 0.0
+    perception_match_weight: float = 1.0
     """Weight of the word-match loss in region perception pretraining (needs the model option
     ``region_pointer_match``; ``training.perception``)."""
     stage1_steps: int = 150
-    easy_steps: int = 300
-    full_steps: int = 300
+    easy_steps: int = 0
+    """Steps of the easy-scene phase of stage 2 before the full one (0: none)."""
+    full_steps: int = 450
     batch_size: int = 16
     lr: float = 1e-3
     region_loss_weight: float = 5.0
-    region_set_loss: bool = False
+    region_set_loss: bool = True
     """Train each region target on the set of regions still to be named (``training.losses``)."""
     shuffle_regions: float = 1.0
     pack_turns: int = 1
