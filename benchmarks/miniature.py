@@ -250,10 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ProcessPoolExecutor(2, initializer=_init_worker, initargs=(max(1, cores // 2),)) as pool:
         # The stage-0 base and the auxiliary encoder's dense pretraining do not depend on each other.
-        shared = [
-            pool.submit(_pretrain, kind, str(out), str(world.root), args.scale) for kind in ("base", "aux")
-        ]
-        base, aux = (future.result() for future in shared)
+        kinds = ["base", *(["aux"] if {"hybrid", "aux", "no-neg"} & set(args.arms) else [])]
+        shared = [pool.submit(_pretrain, kind, str(out), str(world.root), args.scale) for kind in kinds]
+        base, aux = (*(future.result() for future in shared), None)[:2]
     common = (str(out), base, aux, str(world.root), args.scale, args.val_limit)
     with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {job: pool.submit(_run_arm, *job, *common) for job in jobs}

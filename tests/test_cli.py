@@ -167,6 +167,7 @@ def test_train_overrides_accumulate_across_repeated_set_flags():
             "--set",
             "optim.steps=60",
             "optim.lr=5e-4",
+            "output.logging_steps=1e2",
             "data.max_length=null",
             "model.lora=true",
             "--set",
@@ -176,15 +177,18 @@ def test_train_overrides_accumulate_across_repeated_set_flags():
     assert args.set == [
         "optim.steps=60",
         "optim.lr=5e-4",
+        "output.logging_steps=1e2",
         "data.max_length=null",
         "model.lora=true",
         "output.save_steps=1000",
     ]
-    assert _parse_overrides(args.set) == {
+    parsed = _parse_overrides(args.set)
+    assert isinstance(parsed["output"]["logging_steps"], int)  # "1e2" is a count, not 100.0
+    assert parsed == {
         "optim": {"steps": 60, "lr": 5e-4},
         "data": {"max_length": None},
         "model": {"lora": True},
-        "output": {"save_steps": 1000},
+        "output": {"logging_steps": 100, "save_steps": 1000},
     }
 
 

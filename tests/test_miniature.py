@@ -73,6 +73,10 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
     for phase in ("perception", "stage1", "stage2"):
         assert (tmp_path / "hybrid" / phase / "config.json").is_file()
     assert TINY_RECIPE.easy_steps == 0 and not (tmp_path / "hybrid" / "stage2_easy").exists()
+    # Without a shared aux_from, an arm with a DaViT pretrains its own, as the recipe says.
+    aux_run = json.loads((tmp_path / "hybrid" / "aux" / "aux_pretraining.json").read_text())
+    assert aux_run["steps"] == TINY_RECIPE.aux_pretrain_steps > 0
+    assert aux_run["scenes"] == ["medium_scenes.jsonl", "general_scenes.jsonl"]
     config = json.loads((hybrid / "config.json").read_text())
     assert config["region_token_norm"] == "batch" and config["region_name_embedding"] is True
     assert config["region_pointer"] is True and config["region_pointer_label"] is True
@@ -108,7 +112,18 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
 def test_scaled_recipe_keeps_at_least_one_step():
     recipe = scaled(Recipe(), 0.0001)
     assert recipe.base_steps == recipe.full_steps == 1
+    assert recipe.easy_steps == 0  # a phase that is off stays off
     assert scaled(Recipe(), 2).fo1_steps == 2 * Recipe().fo1_steps
+
+
+def test_recipe_rejects_missing_phases():
+    with pytest.raises(ValueError, match=r"Recipe.stage1_steps must be an int >= 1, got 0"):
+        Recipe(stage1_steps=0)
+    with pytest.raises(ValueError, match=r"Recipe.easy_steps must be an int >= 0, got -1"):
+        Recipe(easy_steps=-1)
+    with pytest.raises(ValueError, match=r"Recipe.full_steps must be an int >= 1, got 2.5"):
+        Recipe(full_steps=2.5)
+    assert Recipe(easy_steps=0, aux_pretrain_steps=0).fo1_steps == Recipe().stage1_steps + Recipe().full_steps
 
 
 def test_shipped_demo_runs_offline(tmp_path):
@@ -305,6 +320,11 @@ def test_pretrain_aux_command_and_perceive_from_its_weights(world, tmp_path, cap
     assert main([*args, "--preset", "tiny", "--no-progress"]) == 0
     weights = aux / "aux_encoder.safetensors"
     assert weights.is_file() and "auxiliary encoder pretrained" in capsys.readouterr().out
+    assert main([*args, "--preset", "tiny", "--no-progress"]) == 0  # the same run again: reused
+    assert main([*args[:-3], "3", "--preset", "tiny", "--no-progress"]) == 2  # other steps: refused
+    assert "pretrained with other settings" in capsys.readouterr().err
+    assert main([*args[:-3], "0", "--no-progress"]) == 2
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
     assert set(json.loads((aux / "aux_pretraining.json").read_text())["accuracy"]) == {
         "kind",
         "colour",
@@ -331,3 +351,7 @@ def test_pretrain_aux_command_and_perceive_from_its_weights(world, tmp_path, cap
         for k, v in model.aux_encoder.state_dict().items()
     )
     assert 0 < gap < 0.01
+    # Seeded: the same command in the same process gives the same region side, bit for bit.
+    again = tmp_path / "again"
+    assert main([*perceive[:3], str(again), *perceive[4:], "--aux-from", str(weights), "--no-progress"]) == 0
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -420,3 +420,19 @@ def test_generation_speed_benchmark(tmp_path: Path) -> None:
     generate_dataset(tmp_path, 100, seed=0, split_name="bench")
     elapsed = time.perf_counter() - start
     print(f"\nsynthetic world: {100 / elapsed:.0f} scenes/s (100 scenes in {elapsed:.2f} s)")
+
+
+def test_object_map_png_round_trips_and_refuses_a_scene_without_one(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from vlm_fo1.synthetic.dataset import save_object_map
+
+    scene = render_scene(CONFIG, 3)
+    assert scene.object_map is not None and scene.object_map.shape == (scene.size[1], scene.size[0])
+    save_object_map(scene, tmp_path / "map.png")
+    read = np.asarray(Image.open(tmp_path / "map.png"), dtype=np.int16) - 1
+    assert np.array_equal(read, scene.object_map) and set(np.unique(read)) <= set(
+        range(-1, len(scene.objects))
+    )
+    with pytest.raises(ValueError, match="no object map"):
+        save_object_map(replace(scene, object_map=None), tmp_path / "none.png")

@@ -435,6 +435,9 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
     )
     with pytest.raises(ValueError, match="region_pointer_match=True"):
         pretrain_region_perception(plain_model, processor, scenes, steps=1, match_weight=1.0, progress=False)
+    background = [{"kind": perception.BACKGROUND, "colour": perception.BACKGROUND, "size": "small"}]
+    with pytest.raises(ValueError, match="every one is background"):
+        perception._WordMatch(model, processor, background)
 
 
 def test_probe_detection_scores_regions_by_the_kind_head(stage0, tmp_path, monkeypatch):
@@ -524,3 +527,9 @@ def test_aux_pretraining_trains_only_the_aux_encoder_and_reports_cell_accuracy(s
     )
     with pytest.raises(ValueError, match="without an object map"):
         read_mask_scenes([old])
+    # The dense targets come from the auxiliary input alone, the same tensor prepare_image gives.
+    image = data / json.loads(scenes.read_text().splitlines()[0])["image"]
+    assert torch.equal(processor.aux_pixel_values(image), processor.prepare_image(image).aux_pixel_values)
+    processor.aux_resize_mode = "dynamic"
+    with pytest.raises(ValueError, match="'squash'"):
+        pretrain_aux_encoder(model, processor, [scenes], steps=1, held_out=4, progress=False)

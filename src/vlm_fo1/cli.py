@@ -46,7 +46,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vlm_fo1.inference.tasks import ModelSettings
@@ -76,18 +76,24 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(**fields: Any) -> Any:
+    """The miniature recipe with the options given on the command line (None: the recipe's)."""
+    from dataclasses import replace
+
+    from vlm_fo1.training.miniature import Recipe
+
+    return replace(Recipe(), **{name: value for name, value in fields.items() if value is not None})
+
+
 def _cmd_perceive(args: argparse.Namespace) -> int:
-    from vlm_fo1.training.miniature import FO1_OVERRIDES, Recipe, perceive
+    from vlm_fo1.training.miniature import FO1_OVERRIDES, perceive
 
     overrides = {**FO1_OVERRIDES, "region_source": args.region_source}
-    default = Recipe()
-    recipe = Recipe(
-        perception_steps=default.perception_steps if args.steps is None else args.steps,
+    recipe = _recipe(
+        perception_steps=args.steps,
         batch_size=args.batch_size,
         perception_align_weight=args.align_weight,
-        perception_match_weight=default.perception_match_weight
-        if args.match_weight is None
-        else args.match_weight,
+        perception_match_weight=args.match_weight,
     )
     out = perceive(
         args.base,
@@ -104,17 +110,11 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain_aux(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from vlm_fo1.training.miniature import pretrain_aux
 
-    from vlm_fo1.training.miniature import Recipe, pretrain_aux
-
-    recipe = Recipe()
-    recipe = replace(
-        recipe,
-        aux_pretrain_steps=args.steps or recipe.aux_pretrain_steps,
-        batch_size=args.batch_size,
-        preset=args.preset,
-    )
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    recipe = _recipe(aux_pretrain_steps=args.steps, batch_size=args.batch_size, preset=args.preset)
     out = pretrain_aux(args.scenes, args.out, recipe, seed=args.seed, progress=not args.no_progress)
     print(
         f"auxiliary encoder pretrained; weights in {out} (held-out accuracy in {args.out}/aux_pretraining.json)"
@@ -307,6 +307,8 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str) and _NUMBER.fullmatch(value.strip()):
             parsed = float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
+            if parsed.is_integer() and "." not in value:
+                parsed = int(parsed)  # "1e3" steps: an int, as a step count must be
         node[leaf] = parsed
     return result
 
@@ -454,8 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     perceive.add_argument("scenes", help="a {split}_scenes.jsonl written by vlm-fo1 synth")
     perceive.add_argument("out", help="directory to write the FO1 checkpoint to")
     perceive.add_argument("--steps", type=int, default=None, help="the miniature recipe's by default")
-    perceive.add_argument("--batch-size", type=int, default=16)
-    perceive.add_argument("--align-weight", type=float, default=0.0, help="region-word alignment loss weight")
+    perceive.add_argument("--batch-size", type=int, default=None, help="the recipe's (16) by default")
+    perceive.add_argument(
+        "--align-weight", type=float, default=None, help="region-word alignment loss weight (the recipe's: 0)"
+    )
     perceive.add_argument(
         "--match-weight",
         type=float,
@@ -477,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_aux.add_argument("out", help="directory for aux_encoder.safetensors")
     pretrain_aux.add_argument("scenes", nargs="+", help="{split}_scenes.jsonl files written by vlm-fo1 synth")
     pretrain_aux.add_argument("--steps", type=int, default=None, help="the miniature recipe's by default")
-    pretrain_aux.add_argument("--batch-size", type=int, default=16)
+    pretrain_aux.add_argument("--batch-size", type=int, default=None, help="the recipe's (16) by default")
     pretrain_aux.add_argument(
         "--preset",
         choices=["mini", "tiny"],

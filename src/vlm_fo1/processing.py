@@ -165,6 +165,16 @@ class FO1Processor:
             return image.resize((side, side), Image.Resampling.BICUBIC)
         return image
 
+    def _aux_pixels(self, fitted: Image.Image) -> torch.Tensor:
+        aux = np.asarray(self._aux_resize(fitted), dtype=np.float32) / 255.0
+        aux = (aux - np.asarray(self.aux_mean, np.float32)) / np.asarray(self.aux_std, np.float32)
+        return torch.from_numpy(aux).permute(2, 0, 1).contiguous()
+
+    def aux_pixel_values(self, image: Any) -> torch.Tensor:
+        """``(3, H_aux, W_aux)``: the auxiliary encoder's input alone (what :meth:`prepare_image`
+        gives as ``aux_pixel_values``, without the ViT's preprocessing)."""
+        return self._aux_pixels(fit_for_encoders(load_image(image), max_side=self.max_image_side))
+
     def prepare_image(self, image: Any) -> PreparedImage:
         """Load and encode-ready an image (path, PIL or array); see the module docstring."""
         if isinstance(image, PreparedImage):
@@ -175,15 +185,13 @@ class FO1Processor:
         grid = qwen["image_grid_thw"]
         merge = int(self.image_processor.merge_size)
         patch = int(self.image_processor.patch_size)
-        aux = np.asarray(self._aux_resize(fitted), dtype=np.float32) / 255.0
-        aux = (aux - np.asarray(self.aux_mean, np.float32)) / np.asarray(self.aux_std, np.float32)
         _, gh, gw = (int(v) for v in grid[0])
         return PreparedImage(
             original_size=rgb.size,
             pixel_values=qwen["pixel_values"],
             grid_thw=grid,
             vit_size=(gw * patch, gh * patch),
-            aux_pixel_values=torch.from_numpy(aux).permute(2, 0, 1).contiguous(),
+            aux_pixel_values=self._aux_pixels(fitted),
             num_image_tokens=int(grid.prod()) // (merge * merge),
         )
 

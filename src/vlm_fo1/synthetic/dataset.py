@@ -62,7 +62,10 @@ def scene_truth(scene: Scene, proposals: Proposals, image: str, mask: str | None
 
 def save_object_map(scene: Scene, path: Path) -> None:
     """The scene's object map as an 8-bit PNG: object index + 1, 0 where no object shows."""
-    assert scene.object_map is not None and len(scene.objects) < 255
+    if scene.object_map is None:
+        raise ValueError("the scene has no object map (render_scene draws one)")
+    if len(scene.objects) > 255:
+        raise ValueError(f"an 8-bit object map holds at most 255 objects, got {len(scene.objects)}")
     Image.fromarray((scene.object_map + 1).astype(np.uint8), "L").save(path, format="PNG")
 
 
@@ -90,9 +93,9 @@ def difficulty_configs(
     """Scene and proposal settings of a curriculum level.
 
     Small models learn to pick region names from a few candidates long before they learn it from
-    many (a curriculum breaks the plateau, see docs/training.md), so stage 2 starts on ``easy``
-    scenes: one or two objects whose single tight proposal is joined by at most one background
-    box. ``medium`` has up to four objects with some duplicates, parts and distractors; ``full``
+    many (a curriculum breaks the plateau, see docs/training.md); ``easy`` scenes, which every
+    stage trains on in part, have one or two objects whose single tight proposal is joined by at
+    most one background box. ``medium`` has up to four objects with some duplicates, parts and distractors; ``full``
     is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults). ``nms_iou``:
     every level's proposals pass the release's NMS at this IoU (:class:`ProposalConfig`; None
     keeps every box).

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.model.aux_encoder import encode_aux
 from vlm_fo1.processing import FO1Processor
+from vlm_fo1.training.perception import BACKGROUND, object_kind, split_held_out
 
 logger = logging.getLogger(__name__)
 
-BACKGROUND = "background"
 DENSE_ATTRIBUTES = ("kind", "colour")
 
 
@@ -81,7 +81,7 @@ def read_mask_scenes(paths: Sequence[str | Path]) -> list[_Scene]:
                     )
                 objects = truth["objects"]
                 labels = {
-                    "kind": ["word" if o.get("text") else o["kind"] for o in objects],
+                    "kind": [object_kind(o) for o in objects],
                     "colour": [o["colour"] for o in objects],
                 }
                 scenes.append(_Scene(root / truth["image"], root / truth["mask"], labels))
@@ -144,16 +144,13 @@ def pretrain_aux_encoder(
     start = time.perf_counter()
     if model.aux_encoder is None:
         raise ValueError("auxiliary-encoder pretraining needs a model with one (region_source hybrid or aux)")
-    scenes = read_mask_scenes(scenes_paths)
-    if held_out is None:
-        held_out = min(64, max(1, len(scenes) // 10))
-    if steps < 1 or batch_size < 1 or held_out < 1:
+    if processor.aux_resize_mode != "squash":
         raise ValueError(
-            f"steps, batch_size and held_out must be >= 1, got {steps}, {batch_size}, {held_out}"
+            "dense pretraining batches images at one auxiliary size; aux_resize_mode must be "
+            f"'squash', got {processor.aux_resize_mode!r}"
         )
-    if len(scenes) <= held_out:
-        raise ValueError(f"need more than held_out={held_out} scenes, got {len(scenes)}")
-    train_scenes, test_scenes = scenes[:-held_out], scenes[-held_out:]
+    train_scenes, test_scenes = split_held_out(read_mask_scenes(scenes_paths), held_out, steps, batch_size)
+    scenes = [*train_scenes, *test_scenes]
     classes = {
         name: [BACKGROUND, *sorted({v for s in scenes for v in s.labels[name]})] for name in DENSE_ATTRIBUTES
     }
@@ -166,7 +163,7 @@ def pretrain_aux_encoder(
 
     def step_outputs(chosen: list[_Scene]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Logits ``(B, K, h, w)`` and cell targets ``(B, h, w)`` of each head for ``chosen``."""
-        pixels = torch.stack([processor.prepare_image(s.image).aux_pixel_values for s in chosen])
+        pixels = torch.stack([processor.aux_pixel_values(s.image) for s in chosen])
         features = dense_features(encoder, pixels)
         grid = tuple(features.shape[-2:])
         maps = [np.asarray(Image.open(s.mask), dtype=np.int16) - 1 for s in chosen]

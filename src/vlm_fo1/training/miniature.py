@@ -6,14 +6,16 @@ and the demo checkpoint all run the same steps::
 
     world = make_world("runs/mini/data", WorldSpec())
     base = train_base(world, "runs/mini/base", Recipe())                   # stage 0
-    fo1 = train_fo1(world, base, "runs/mini/hybrid-s0", Recipe(), seed=0)  # perception, 1, 2a, 2b
+    fo1 = train_fo1(world, base, "runs/mini/hybrid-s0", Recipe(), seed=0)  # aux, perception, 1, 2
     metrics = evaluate_checkpoint(fo1, world.val)
 
-An FO1 arm is: region perception pretraining (``training.perception``, the stand-in for a
-pretrained DaViT), stage 1 (region side and connector; LLM frozen), stage 2 on easy scenes, then
-stage 2 on the medium and full world (a curriculum on the number of candidate regions; the
-general data is mixed into both stage-2 phases). The coordinate baseline trains the same base
-with the same number of stage-1 + stage-2 steps to write boxes as text (``evaluation.coords``).
+An FO1 arm is: dense pretraining of the auxiliary encoder (``training.aux_pretraining``; shared
+between arms when passed as ``aux_from``) and region perception pretraining
+(``training.perception``) - together the stand-in for a pretrained DaViT -, stage 1 (region side
+and connector; LLM frozen), an optional stage-2 phase on easy scenes (``Recipe.easy_steps``, off
+by default), then stage 2 on the medium and full world with the general data mixed in. The
+coordinate baseline trains the same base with the same number of stage-1 + stage-2 steps to write
+boxes as text (``evaluation.coords``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
+from transformers import set_seed
 
 from vlm_fo1.data.records import read_records, write_records
 from vlm_fo1.evaluation.coords import COORDINATE_TASKS, to_coordinate_record
@@ -90,11 +93,16 @@ class World:
     val_recall: dict[float, Path]
     coords: dict[str, Path]  # split -> coordinate-format records (easy, medium, full, val, val_easy)
 
+    def scenes(self, split: Path) -> Path:
+        """The scene truth (``{split}_scenes.jsonl``, with object maps) next to a split's records."""
+        return split.with_name(f"{split.stem}_scenes.jsonl")
+
     @property
     def aux_scenes(self) -> list[Path]:
-        """Scene truth (with object maps) of the full-world training and general splits: the data of
-        the auxiliary encoder's dense pretraining."""
-        return [p.with_name(f"{p.stem}_scenes.jsonl") for p in (self.full, self.general)]
+        """Scene truth of the medium and general splits (the general scenes are full-world ones):
+        the data of the auxiliary encoder's dense pretraining. Not the full-world training split,
+        whose last scenes region perception holds out to score itself."""
+        return [self.scenes(p) for p in (self.medium, self.general)]
 
 
 @dataclass(frozen=True)
@@ -121,13 +129,21 @@ class Recipe:
     shuffle_regions: float = 1.0
     pack_turns: int = 1
     easy_tasks: tuple[str, ...] | None = None
-    """None: the first stage-2 phase trains on ``EASY_MIX`` (every task of the easy scenes and
+    """With ``easy_steps > 0``. None: the first stage-2 phase trains on ``EASY_MIX`` (every task of the easy scenes and
     the general data); a tuple: on those tasks of the easy scenes alone (the general data comes
     back in the second phase). :data:`DETECTION_TASKS` is the one change that moved full-world
     retrieval in docs/training.md; not the default, because the benchmark has not been rerun
     with it."""
     preset: str = "mini"
     overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
+
+    def __post_init__(self) -> None:
+        required = ("base_steps", "perception_steps", "stage1_steps", "full_steps", "batch_size")
+        for name in (*required, "aux_pretrain_steps", "easy_steps"):
+            value = getattr(self, name)
+            least = 1 if name in required else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"Recipe.{name} must be an int >= {least}, got {value!r}")
 
     @property
     def fo1_steps(self) -> int:
@@ -282,15 +298,33 @@ def pretrain_aux(
 ) -> Path | None:
     """The shared auxiliary encoder (``training.aux_pretraining``, the stand-in for a pretrained
     DaViT) on ``scenes`` (``*_scenes.jsonl`` with object maps; the recipe's are
-    ``World.aux_scenes``): ``out/aux_encoder.safetensors`` (reused when present), or None with
-    ``recipe.aux_pretrain_steps == 0``. Needs no base: the encoder is independent of the VLM."""
+    ``World.aux_scenes``): ``out/aux_encoder.safetensors`` (reused when present and made with the
+    same preset, steps and scene files), or None with ``recipe.aux_pretrain_steps == 0``. Needs no
+    base: the encoder is independent of the VLM.
+
+    Raises:
+        ValueError: ``out`` holds an encoder pretrained with other settings.
+    """
     if not recipe.aux_pretrain_steps:
         return None
     out = Path(out)
     weights = out / AUX_WEIGHTS
+    run = {
+        "preset": recipe.preset,
+        "steps": recipe.aux_pretrain_steps,
+        "scenes": [Path(p).name for p in scenes],
+    }
     if weights.is_file():
+        recorded = json.loads((out / "aux_pretraining.json").read_text())
+        differ = {k: (v, recorded[k]) for k, v in run.items() if k in recorded and recorded[k] != v}
+        if differ:
+            raise ValueError(
+                f"{weights} was pretrained with other settings (wanted, found): {differ}; "
+                "remove it or choose another directory"
+            )
         logger.info("reusing the pretrained auxiliary encoder %s", weights)
         return weights
+    set_seed(seed)
     config = run_config_from_dict(
         {"stage": 0, "seed": seed, "model": {"preset": recipe.preset, "overrides": recipe.overrides},
          "data": {"train": [{"path": str(scenes[0])}]}}
@@ -303,7 +337,7 @@ def pretrain_aux(
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.aux_encoder.state_dict().items()}, out / f".{AUX_WEIGHTS}")
     (out / f".{AUX_WEIGHTS}").replace(weights)
-    (out / "aux_pretraining.json").write_text(json.dumps(result.to_json(), indent=2))
+    (out / "aux_pretraining.json").write_text(json.dumps(run | result.to_json(), indent=2))
     return weights
 
 
@@ -320,15 +354,19 @@ def perceive(
 ) -> Path:
     """A fresh FO1 region side on ``base``'s VLM, pretrained on ``scenes`` (``*_scenes.jsonl``)
     by :func:`pretrain_region_perception`; saved with its processor to ``out``. ``aux_from``: the
-    auxiliary encoder's starting weights (:func:`pretrain_aux`; ignored by a ViT-only model)."""
+    auxiliary encoder's starting weights (:func:`pretrain_aux`; a ViT-only model has none)."""
+    set_seed(seed)
     overrides = dict(recipe.overrides if overrides is None else overrides)
     config = run_config_from_dict(
         {"stage": 1, "seed": seed, "model": {"init": str(base), "keep": "vlm", "overrides": overrides},
          "data": {"train": [{"path": str(scenes)}]}}
     )  # fmt: skip
     model, processor = init_model(config)
-    if aux_from is not None and model.aux_encoder is not None:
-        model.aux_encoder.load_state_dict(load_file(str(aux_from)))
+    if aux_from is not None:
+        if model.aux_encoder is None:
+            logger.warning("%s not loaded: a ViT-only region side has no auxiliary encoder", aux_from)
+        else:
+            model.aux_encoder.load_state_dict(load_file(str(aux_from)))
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
         align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
@@ -356,15 +394,19 @@ def train_fo1(
     aux_from: str | Path | None = None,
     progress: bool = False,
 ) -> Path:
-    """An FO1 arm: perception → stage 1 → stage 2 (easy) → stage 2 (medium + full); returns the
-    final checkpoint (``out/stage2``). ``stage1_from`` reuses another arm's stage-1 checkpoint
-    (arms that differ only in stage 2, such as the no-negatives arm)."""
+    """An FO1 arm: auxiliary-encoder pretraining → perception → stage 1 → stage 2 (easy, with
+    ``recipe.easy_steps``) → stage 2 (medium + full); returns the final checkpoint
+    (``out/stage2``). ``aux_from`` shares one pretrained auxiliary encoder between arms (without
+    it, an arm that has one pretrains its own in ``out/aux``); ``stage1_from`` reuses another
+    arm's stage-1 checkpoint (arms that differ only in stage 2, such as the no-negatives arm)."""
     out = Path(out)
     overrides = {**recipe.overrides, "region_source": region_source}
     if stage1_from is None:
         perceived = Path(perception_from) if perception_from is not None else out / "perception"
         if not (perceived / "config.json").is_file():
-            scenes = world.full.with_name(f"{world.full.stem}_scenes.jsonl")
+            scenes = world.scenes(world.full)
+            if aux_from is None and region_source != "vit":
+                aux_from = pretrain_aux(world.aux_scenes, out / "aux", recipe, seed=seed, progress=progress)
             perceive(
                 base, scenes, perceived, overrides, recipe, seed=seed, aux_from=aux_from, progress=progress
             )
@@ -416,7 +458,8 @@ def train_coords(
     progress: bool = False,
 ) -> Path:
     """The coordinate baseline: the base trained (stage 2 settings, no proposals) to write boxes
-    as text, with the same curriculum and as many steps as an FO1 arm's stages 1 and 2."""
+    as text, with as many steps as an FO1 arm's stages 1 and 2: a first phase on the easy mix for
+    the steps of stage 1 and the easy phase, then the full-world mix for ``full_steps``."""
     out = Path(out)
     easy_steps = recipe.stage1_steps + recipe.easy_steps
     easy = _stage(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Iterable
@@ -68,9 +67,15 @@ class PerceptionResult:
         return {"accuracy": self.accuracy, "steps": self.steps, "seconds": round(self.seconds, 1)}
 
 
+def object_kind(obj: dict[str, Any]) -> str:
+    """The kind of a scene-truth object as the perception heads learn it (a rendered word's is
+    ``word``)."""
+    return "word" if obj.get("text") else obj["kind"]
+
+
 def _object_attributes(obj: dict[str, Any]) -> dict[str, str]:
     attributes = {
-        "kind": "word" if obj.get("text") else obj["kind"],
+        "kind": object_kind(obj),
         "colour": obj["colour"],
         "size": obj["size"],
     }
@@ -149,6 +154,10 @@ class _WordMatch(nn.Module):
             for g in MATCH_GROUPS
         }
         self.problems = [(g, spaced) for g in MATCH_GROUPS if self.vocabulary[g] for spaced in (False, True)]
+        if not self.problems:
+            raise ValueError(
+                "the word-match loss needs proposals that cover an object; every one is background"
+            )
         table = model.get_input_embeddings().weight.detach().float()
         vectors = []
         for group, spaced in self.problems:
@@ -263,22 +272,22 @@ def _alignment_loss(
     return (1 - F.cosine_similarity(tokens[keep], wanted, dim=-1)).mean()
 
 
-LR_SCHEDULES = ("constant", "cosine")
+def split_held_out(scenes: list, held_out: int | None, steps: int, batch_size: int) -> tuple[list, list]:
+    """``(train, held out)``: the last ``held_out`` scenes (default: a tenth, between 1 and 64)
+    are kept out of training to score it.
 
-
-def _schedule(name: str, steps: int):
-    """Learning-rate factor of each step: constant, or a 5 % linear warm-up then a cosine to 0.1."""
-    warmup = max(1, round(0.05 * steps))
-
-    def factor(step: int) -> float:
-        if name == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    Raises:
+        ValueError: for sizes below 1, or no scene left to train on.
+    """
+    if held_out is None:
+        held_out = min(64, max(1, len(scenes) // 10))
+    if steps < 1 or batch_size < 1 or held_out < 1:
+        raise ValueError(
+            f"steps, batch_size and held_out must be >= 1, got {steps}, {batch_size}, {held_out}"
+        )
+    if len(scenes) <= held_out:
+        raise ValueError(f"need more than held_out={held_out} scenes, got {len(scenes)}")
+    return scenes[:-held_out], scenes[-held_out:]
 
 
 def pretrain_region_perception(
@@ -294,7 +303,6 @@ def pretrain_region_perception(
     held_out: int | None = None,
     align_weight: float = 0.0,
     match_weight: float = 0.0,
-    lr_schedule: str = "constant",
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -322,17 +330,7 @@ def pretrain_region_perception(
     start = time.perf_counter()
     root = Path(image_root) if image_root is not None else Path(scenes_path).parent
     scenes = read_scene_regions(scenes_path)
-    if held_out is None:
-        held_out = min(64, max(1, len(scenes) // 10))
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    if steps < 1 or batch_size < 1 or held_out < 1:
-        raise ValueError(
-            f"steps, batch_size and held_out must be >= 1, got {steps}, {batch_size}, {held_out}"
-        )
-    if len(scenes) <= held_out:
-        raise ValueError(f"need more than held_out={held_out} scenes, got {len(scenes)}")
-    train_scenes, test_scenes = scenes[:-held_out], scenes[-held_out:]
+    train_scenes, test_scenes = split_held_out(scenes, held_out, steps, batch_size)
     classes = {
         name: sorted({labels[name] for _, _, per_box in scenes for labels in per_box}) for name in ATTRIBUTES
     }
@@ -351,7 +349,6 @@ def pretrain_region_perception(
     for param in trainable:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW([*trainable, *heads.parameters()], lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, steps))
     rng = random.Random(seed)
     vectors = _word_vectors(model, processor, classes) if align_weight > 0 else {}
 
@@ -380,7 +377,6 @@ def pretrain_region_perception(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
