@@ -163,6 +163,25 @@ def test_pool_regions_equals_torchvision_roi_align_forward_and_backward(aligned,
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
     assert pool_regions(features[0], boxes[0][:0], 0.25, 3).shape == (0, 6)
+    # Several levels (the aux branch): one up-, one downsampled to resize_to, channels concatenated.
+    large = torch.randn(2, 4, 30, 41, generator=generator, requires_grad=True)
+    levels = [features, large]
+    expected = torch.cat(
+        [
+            roi_align(
+                F.interpolate(lv, size=(22, 30), mode="bilinear"), list(boxes), 3, 0.25, sampling, aligned
+            ).mean(dim=(2, 3))
+            for lv in levels
+        ],
+        dim=1,
+    )  # (ΣN, 6 + 4)
+    got = pool_regions(levels, list(boxes), 0.25, 3, sampling, aligned, resize_to=(22, 30))
+    weights = torch.randn(18, 10, generator=generator)
+    grads_expected = torch.autograd.grad((expected * weights).sum(), levels)
+    grads_got = torch.autograd.grad((got * weights).sum(), levels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for grad_got, grad_expected in zip(grads_got, grads_expected, strict=True):
+        torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
 
 
 def slow_sine(boxes: torch.Tensor, frame: tuple[int, int], dim: int) -> torch.Tensor:
