@@ -46,12 +46,9 @@ def region_token_loss(
     targets = labels[:, 1:].to(logits.device)  # (B, L-1)
     scores = logits[:, :-1].float()  # (B, L-1, V)
     special = torch.isin(targets, torch.tensor(list(token_ids), device=targets.device))
-    set_targets = set_targets and bool(special.any())
-    if set_targets:
-        scores = _without_named(scores, targets, special)
     losses = F.cross_entropy(scores.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    if set_targets:
-        losses = losses.masked_scatter(special, _set_losses(scores, targets, special))
+    if set_targets and bool(special.any()):
+        losses = losses.index_put(*_set_and_close_losses(scores, targets, special))
     weights = (targets != -100).float() * torch.where(special, float(weight), 1.0)
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
@@ -62,33 +59,35 @@ def _runs(special: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((special & ~previous).flatten(), 0).view_as(special)
 
 
-def _without_named(scores: torch.Tensor, targets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
-    """``scores`` ``(B, L-1, V)`` with ``-inf`` where a region was named earlier in the run: at
-    each later region target of the run, and at the position after the run's last one."""
+def _set_and_close_losses(
+    scores: torch.Tensor, targets: torch.Tensor, special: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The losses that replace plain cross-entropy under ``set_targets``: ``((rows, cols), values)``.
+
+    At each region target ``-log Σ p(r)`` over the regions still to be named in its run, and at
+    the position after a run plain cross-entropy; both with the regions named earlier in the run
+    at ``-inf``. Only those positions' score rows are copied (``(q, V)``), not the whole
+    ``scores`` ``(B, L-1, V)``: at a real vocabulary that copy would double the loss's memory.
+    """
     run = _runs(special)
-    rows, cols = special.nonzero(as_tuple=True)  # (n,) the region targets
-    runs, member = run[rows, cols], targets[rows, cols]
+    rows, cols = special.nonzero(as_tuple=True)  # (n,) the region targets, row-major
+    runs, member = run[rows, cols], targets[rows, cols]  # their run, the region listed there
     last = special & ~F.pad(special[:, 1:], (0, 1), value=False)
     last_rows, last_cols = last.nonzero(as_tuple=True)
     inside = last_cols + 1 < special.shape[1]
-    query_rows = torch.cat([rows, last_rows[inside]])  # (q,) every position that gets a mask
+    query_rows = torch.cat([rows, last_rows[inside]])  # (q,): n region targets, then the closes
     query_cols = torch.cat([cols, last_cols[inside] + 1])
     query_runs = torch.cat([runs, run[last_rows[inside], last_cols[inside]]])
     own = targets[query_rows, query_cols]  # a region listed twice is never masked where it is the target
     named = (query_runs[:, None] == runs[None, :]) & (cols[None, :] < query_cols[:, None])  # (q, n)
     named &= member[None, :] != own[:, None]
     query, earlier = named.nonzero(as_tuple=True)
-    index = (query_rows[query], query_cols[query], member[earlier])
-    return scores.index_put(index, scores.new_full(index[0].shape, float("-inf")))
-
-
-def _set_losses(scores: torch.Tensor, targets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
-    """``-log Σ p(r)`` over each region target's remaining set ``(n,)``, in row-major order of
-    ``special`` ``(B, L-1)`` (``scores`` ``(B, L-1, V)``, ``targets`` ``(B, L-1)``)."""
-    run = _runs(special)
-    rows, cols = special.nonzero(as_tuple=True)  # (n,), row-major like masked_scatter
-    log_probs = scores[rows, cols].log_softmax(-1)  # (n, V)
-    member, runs = targets[rows, cols], run[rows, cols]  # (n,): the region listed there, its run
+    masked = scores[query_rows, query_cols].index_put(  # (q, V)
+        (query, member[earlier]), scores.new_full(query.shape, float("-inf"))
+    )
+    n = rows.numel()
+    log_probs = masked[:n].log_softmax(-1)  # (n, V)
     in_set = (runs[:, None] == runs[None, :]) & (cols[None, :] >= cols[:, None])  # later in the run
     picked = log_probs[:, member].masked_fill(~in_set, float("-inf"))  # (n, n): row i, member j
-    return -torch.logsumexp(picked, dim=-1)
+    close = F.cross_entropy(masked[n:], own[n:], ignore_index=-100, reduction="none")
+    return (query_rows, query_cols), torch.cat([-torch.logsumexp(picked, dim=-1), close])
