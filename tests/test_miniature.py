@@ -64,6 +64,8 @@ def test_world_has_every_split_and_reuses_files(world):
     before = world.val.stat().st_mtime_ns
     again = make_world(world.root, TINY_WORLD)
     assert again.val == world.val and world.val.stat().st_mtime_ns == before  # reused, not regenerated
+    with pytest.raises(ValueError, match=r"another spec \(wanted, found\): \{'val': \(7, 6\)\}"):
+        make_world(world.root, replace(TINY_WORLD, val=7))
 
 
 def test_recipe_arms_run_and_share_stage1(world, tmp_path):

@@ -24,7 +24,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +168,29 @@ def _coords_file(source: Path, target: Path) -> Path:
 
 
 def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bool = False) -> World:
-    """Generate (or reuse, when present and ``overwrite`` is false) every split the recipe needs."""
+    """Generate (or reuse, when present and ``overwrite`` is false) every split the recipe needs.
+
+    The spec is written to ``root/world.json``; a world is reused only under the same spec.
+
+    Raises:
+        ValueError: ``root`` holds a world generated from another spec (and ``overwrite`` is false).
+    """
     root = Path(root)
+    written = root / "world.json"
+    wanted = json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the file holds them
+    if written.is_file() and not overwrite:
+        found = json.loads(written.read_text())
+        differ = {k: (v, found.get(k)) for k, v in wanted.items() if found.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"{root} holds a world from another spec (wanted, found): {differ}; "
+                "pass overwrite=True or another folder"
+            )
+    elif (root / "general.jsonl").is_file() and not overwrite:
+        logger.warning("%s has no world.json (made by an older version): reused without a check", root)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        written.write_text(json.dumps(wanted, indent=2))
 
     def split(name: str, scenes: int, difficulty: str, *, seed: int, recall: float = 0.95, **kw) -> Path:
         path = root / f"{name}.jsonl"
