@@ -78,7 +78,7 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
     # Without a shared aux_from, an arm with a DaViT pretrains its own, as the recipe says.
     aux_run = json.loads((tmp_path / "hybrid" / "aux" / "aux_pretraining.json").read_text())
     assert aux_run["steps"] == TINY_RECIPE.aux_pretrain_steps > 0
-    assert aux_run["scenes"] == ["medium_scenes.jsonl", "general_scenes.jsonl"]
+    assert aux_run["scenes"] == ["general_scenes.jsonl", "train_scenes.jsonl"]
     config = json.loads((hybrid / "config.json").read_text())
     assert config["region_token_norm"] == "batch" and config["region_name_embedding"] is True
     assert config["region_pointer"] is True and config["region_pointer_label"] is True

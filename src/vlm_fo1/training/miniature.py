@@ -99,10 +99,11 @@ class World:
 
     @property
     def aux_scenes(self) -> list[Path]:
-        """Scene truth of the medium and general splits (the general scenes are full-world ones):
-        the data of the auxiliary encoder's dense pretraining. Not the full-world training split,
-        whose last scenes region perception holds out to score itself."""
-        return [self.scenes(p) for p in (self.medium, self.general)]
+        """Scene truth of the general and full-world training splits, in that order: the data of
+        the auxiliary encoder's dense pretraining. Its held-out scenes are the last of the list,
+        so they include the training split's last scenes, which region perception holds out to
+        score itself: neither pretraining sees them."""
+        return [self.scenes(p) for p in (self.general, self.full)]
 
 
 @dataclass(frozen=True)
