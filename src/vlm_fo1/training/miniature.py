@@ -130,9 +130,9 @@ class Recipe:
     shuffle_regions: float = 1.0
     pack_turns: int = 1
     easy_tasks: tuple[str, ...] | None = None
-    """With ``easy_steps > 0``. None: the first stage-2 phase trains on ``EASY_MIX`` (every task of the easy scenes and
-    the general data); a tuple: on those tasks of the easy scenes alone (the general data comes
-    back in the second phase). :data:`DETECTION_TASKS` is the one change that moved full-world
+    """With ``easy_steps > 0``. None: the first stage-2 phase trains on ``EASY_MIX`` (every task
+    of the easy scenes and the general data); a tuple: on those tasks of the easy scenes alone
+    (the general data comes back in the second phase). :data:`DETECTION_TASKS` is the one change that moved full-world
     retrieval in docs/training.md; not the default, because the benchmark has not been rerun
     with it."""
     preset: str = "mini"
@@ -337,7 +337,8 @@ def pretrain_aux(
         "scenes": [Path(p).name for p in scenes],
     }
     if weights.is_file():
-        recorded = json.loads((out / "aux_pretraining.json").read_text())
+        record = out / "aux_pretraining.json"
+        recorded = json.loads(record.read_text()) if record.is_file() else {}
         differ = {k: (v, recorded[k]) for k, v in run.items() if k in recorded and recorded[k] != v}
         if differ:
             raise ValueError(
