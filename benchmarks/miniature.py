@@ -250,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ProcessPoolExecutor(2, initializer=_init_worker, initargs=(max(1, cores // 2),)) as pool:
         # The stage-0 base and the auxiliary encoder's dense pretraining do not depend on each other.
-        kinds = ["base", *(["aux"] if {"hybrid", "aux", "no-neg"} & set(args.arms) else [])]
-        shared = [pool.submit(_pretrain, kind, str(out), str(world.root), args.scale) for kind in kinds]
-        base, aux = (*(future.result() for future in shared), None)[:2]
+        base_job = pool.submit(_pretrain, "base", str(out), str(world.root), args.scale)
+        uses_aux = {"hybrid", "aux", "no-neg"} & set(args.arms)  # the arms with a DaViT
+        aux_job = pool.submit(_pretrain, "aux", str(out), str(world.root), args.scale) if uses_aux else None
+        base, aux = base_job.result(), aux_job.result() if aux_job else None
     common = (str(out), base, aux, str(world.root), args.scale, args.val_limit)
     with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {job: pool.submit(_run_arm, *job, *common) for job in jobs}

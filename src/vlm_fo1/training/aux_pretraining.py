@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.model.aux_encoder import encode_aux
 from vlm_fo1.processing import FO1Processor
-from vlm_fo1.training.perception import BACKGROUND, object_kind, split_held_out
+from vlm_fo1.training.perception import BACKGROUND, fit, object_kind, split_held_out
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +148,8 @@ def pretrain_aux_encoder(
             "dense pretraining batches images at one auxiliary size; aux_resize_mode must be "
             f"'squash', got {processor.aux_resize_mode!r}"
         )
-    train_scenes, test_scenes = split_held_out(read_mask_scenes(scenes_paths), held_out, steps, batch_size)
-    scenes = [*train_scenes, *test_scenes]
+    scenes = read_mask_scenes(scenes_paths)
+    train_scenes, test_scenes = split_held_out(scenes, held_out, steps, batch_size)
     classes = {
         name: [BACKGROUND, *sorted({v for s in scenes for v in s.labels[name]})] for name in DENSE_ATTRIBUTES
     }
@@ -181,16 +180,13 @@ def pretrain_aux_encoder(
     weights = {name: torch.ones(len(values)) for name, values in classes.items()}
     for name in DENSE_ATTRIBUTES:
         weights[name][0] = background_weight
-    encoder.train()
-    bar = tqdm(range(steps), desc="aux encoder (dense)", disable=not progress)
-    for step in bar:
+
+    def batch_loss() -> torch.Tensor:
         out, targets = step_outputs(rng.sample(train_scenes, min(batch_size, len(train_scenes))))
-        loss = sum(F.cross_entropy(out[n], targets[n], weight=weights[n]) for n in DENSE_ATTRIBUTES)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return sum(F.cross_entropy(out[n], targets[n], weight=weights[n]) for n in DENSE_ATTRIBUTES)
+
+    encoder.train()
+    fit(optimizer, batch_loss, steps, desc="aux encoder (dense)", progress=progress)
     encoder.eval()
     hits = dict.fromkeys([*DENSE_ATTRIBUTES, BACKGROUND], 0)
     counts = dict.fromkeys(["object", BACKGROUND], 0)

@@ -168,6 +168,11 @@ def _coords_file(source: Path, target: Path) -> Path:
     return target
 
 
+def _differences(wanted: dict[str, Any], found: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (wanted, found)}`` for each key a record holds with another value."""
+    return {k: (v, found[k]) for k, v in wanted.items() if k in found and found[k] != v}
+
+
 def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bool = False) -> World:
     """Generate (or reuse, when present and ``overwrite`` is false) every split the recipe needs.
 
@@ -180,9 +185,7 @@ def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bo
     written = root / "world.json"
     wanted = json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the file holds them
     if written.is_file() and not overwrite:
-        found = json.loads(written.read_text())
-        differ = {k: (v, found.get(k)) for k, v in wanted.items() if found.get(k) != v}
-        if differ:
+        if differ := _differences(wanted, json.loads(written.read_text())):
             raise ValueError(
                 f"{root} holds a world from another spec (wanted, found): {differ}; "
                 "pass overwrite=True or another folder"
@@ -338,9 +341,7 @@ def pretrain_aux(
     }
     if weights.is_file():
         record = out / "aux_pretraining.json"
-        recorded = json.loads(record.read_text()) if record.is_file() else {}
-        differ = {k: (v, recorded[k]) for k, v in run.items() if k in recorded and recorded[k] != v}
-        if differ:
+        if differ := _differences(run, json.loads(record.read_text()) if record.is_file() else {}):
             raise ValueError(
                 f"{weights} was pretrained with other settings (wanted, found): {differ}; "
                 "remove it or choose another directory"

@@ -27,7 +27,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,26 @@ def _alignment_loss(
     return (1 - F.cosine_similarity(tokens[keep], wanted, dim=-1)).mean()
 
 
+def fit(
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[[], torch.Tensor],
+    steps: int,
+    *,
+    desc: str,
+    progress: bool,
+) -> None:
+    """``steps`` optimizer steps on ``batch_loss()`` (a fresh batch's scalar loss each call), with
+    a progress bar showing the loss every 10 steps; the loop of both miniature pretrainings."""
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def split_held_out(scenes: list, held_out: int | None, steps: int, batch_size: int) -> tuple[list, list]:
     """``(train, held out)``: the last ``held_out`` scenes (default: a tenth, between 1 and 64)
     are kept out of training to score it.
@@ -363,9 +383,7 @@ def pretrain_region_perception(
         targets["boxes"] = [lab for _, _, per_box in chosen for lab in per_box]
         return images, [boxes for _, boxes, _ in chosen], targets
 
-    model.train()
-    bar = tqdm(range(steps), desc="region perception", disable=not progress)
-    for step in bar:
+    def batch_loss() -> torch.Tensor:
         images, boxes, targets = load(rng.sample(train_scenes, min(batch_size, len(train_scenes))))
         counts, features = _region_features(model, processor, images, boxes)
         logits = heads(features)
@@ -374,11 +392,10 @@ def pretrain_region_perception(
             loss = loss + align_weight * _alignment_loss(model, features, counts, targets, classes, vectors)
         if match is not None:
             loss = loss + match_weight * match.loss(match(model, features, counts), targets["boxes"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss
+
+    model.train()
+    fit(optimizer, batch_loss, steps, desc="region perception", progress=progress)
     model.eval()
     correct = dict.fromkeys([*ATTRIBUTES, *(["match"] if match is not None else [])], 0)
     total = 0
