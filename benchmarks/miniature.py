@@ -5,8 +5,9 @@
     python benchmarks/miniature.py --demo-only          # just the demo checkpoint (hybrid, seed 0)
 
 Arms, all from one shared stage-0 base and with the same step budget (``training.miniature``);
-the base and the dense pretraining of the auxiliary encoder run first, side by side, and every
-arm that uses the DaViT starts from that encoder:
+the base and the dense pretraining of the auxiliary encoder run first, side by side; every arm
+that uses the DaViT starts from that encoder, and each job starts as soon as what it needs is
+done (the longest first), so the arms without a DaViT fill the wait for it:
 
     hybrid     FO1 with both encoders (ViT + auxiliary DaViT)          region_source=hybrid
     vit        primary ViT only                                         region_source=vit
@@ -31,13 +32,17 @@ import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "src" / "vlm_fo1" / "assets" / "demo"
 ARMS = ("hybrid", "vit", "aux", "no-neg", "coords")
+ARM_ORDER = ("hybrid", "aux", "vit", "no-neg", "coords")
+"""The order the benchmark starts arms in: the longest first, so the two workers end together."""
 RANKED_METRICS = ("detection/mAP50@ranked", "detection/mAP@ranked", "detection/mAP50@ranked_product")
 """Detection mAP of the model's ranking of every region (``vlm_fo1.ranking``; FO1 arms only)."""
 KEY_METRICS = (
@@ -61,6 +66,40 @@ def _init_worker(threads: int) -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
+@dataclass(frozen=True)
+class _Task:
+    """A job of the benchmark: ``function(*args(done))`` once every task in ``after`` is done
+    (``done``: name -> result of the finished tasks)."""
+
+    function: Callable[..., Any]
+    args: Callable[[dict[str, Any]], tuple]
+    after: tuple[str, ...] = ()
+
+
+def _run_tasks(tasks: dict[str, _Task], workers: int, threads: int) -> dict[str, Any]:
+    """Run every task on ``workers`` processes of ``threads`` torch threads each; a free worker
+    takes the first task (in ``tasks``' order) whose prerequisites are done, so no worker waits
+    on another's job. Returns name -> result."""
+    done: dict[str, Any] = {}
+    running: dict[Any, str] = {}
+    waiting = list(tasks)
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+        while waiting or running:
+            for name in [n for n in waiting if all(d in done for d in tasks[n].after)]:
+                if len(running) == workers:
+                    break
+                waiting.remove(name)
+                running[pool.submit(tasks[name].function, *tasks[name].args(done))] = name
+            if not running:
+                raise ValueError(f"tasks {waiting} wait on tasks that are not there")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                done[name] = future.result()
+                logging.info("%s done", name)
+    return done
+
+
 def _pretrain(kind: str, out: str, world_root: str, scale: float) -> str | None:
     """The shared starting points, one per worker: the stage-0 base or the auxiliary encoder."""
     from vlm_fo1.training.miniature import Recipe, WorldSpec, make_world, pretrain_aux, scaled, train_base
@@ -71,6 +110,13 @@ def _pretrain(kind: str, out: str, world_root: str, scale: float) -> str | None:
         return str(train_base(world, Path(out) / "base", recipe))
     aux = pretrain_aux(world.aux_scenes, Path(out) / "aux", recipe)
     return None if aux is None else str(aux)
+
+
+def _general(base: str, world_root: str) -> dict[str, float]:
+    """The stage-0 base's general VQA metrics (the yardstick of the general skill)."""
+    from vlm_fo1.training.miniature import WorldSpec, evaluate_checkpoint, make_world
+
+    return evaluate_checkpoint(base, make_world(world_root, WorldSpec()).val_general)
 
 
 def _run_arm(
@@ -230,40 +276,34 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     from vlm_fo1.evaluation.runner import proposal_ranking_map, random_choice_map
-    from vlm_fo1.training.miniature import (
-        Recipe,
-        WorldSpec,
-        evaluate_checkpoint,
-        first_records,
-        make_world,
-        scaled,
-    )
+    from vlm_fo1.training.miniature import Recipe, WorldSpec, first_records, make_world, scaled
 
     world = make_world(args.data or out / "data", WorldSpec())
     recipe = scaled(Recipe(), args.scale)
     cores = os.cpu_count() or 1
     if args.demo_only:
         args.arms, args.seeds, args.jobs = ["hybrid"], [0], 1
-    jobs = [(a, s) for s in args.seeds for a in args.arms if a != "no-neg"]
-    later = [(a, s) for s in args.seeds for a in args.arms if a == "no-neg"]  # needs hybrid's stage 1
-    threads = max(1, cores // args.jobs)
-    results = []
-    with ProcessPoolExecutor(2, initializer=_init_worker, initargs=(max(1, cores // 2),)) as pool:
-        # The stage-0 base and the auxiliary encoder's dense pretraining do not depend on each other.
-        base_job = pool.submit(_pretrain, "base", str(out), str(world.root), args.scale)
-        uses_aux = {"hybrid", "aux", "no-neg"} & set(args.arms)  # the arms with a DaViT
-        aux_job = pool.submit(_pretrain, "aux", str(out), str(world.root), args.scale) if uses_aux else None
-        base, aux = base_job.result(), aux_job.result() if aux_job else None
-    common = (str(out), base, aux, str(world.root), args.scale, args.val_limit)
-    with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {job: pool.submit(_run_arm, *job, *common) for job in jobs}
-        for job in later:
-            if ("hybrid", job[1]) in futures:
-                futures[("hybrid", job[1])].result()
-            futures[job] = pool.submit(_run_arm, *job, *common)
-        for job, future in futures.items():
-            results.append(future.result())
-            logging.info("%s seed %d done in %.0f s", *job, results[-1]["seconds"])
+    uses_aux = {"hybrid", "aux", "no-neg"} & set(args.arms)  # the arms with a DaViT
+    shared = (str(out), str(world.root), args.scale)
+    tasks = {
+        "base": _Task(_pretrain, lambda done: ("base", *shared)),
+        "base-general": _Task(_general, lambda done: (done["base"], str(world.root)), ("base",)),
+    }
+    if uses_aux:
+        tasks["aux"] = _Task(_pretrain, lambda done: ("aux", *shared))
+    for arm in sorted(args.arms, key=ARM_ORDER.index):  # the longest arms first
+        after = ("base", "aux") if arm in uses_aux else ("base",)
+        for seed in args.seeds:
+            hybrid = f"hybrid-s{seed}"  # the no-negatives arm starts from hybrid's stage 1
+            tasks[f"{arm}-s{seed}"] = _Task(
+                _run_arm,
+                lambda done, arm=arm, seed=seed: (
+                    arm, seed, str(out), done["base"], done.get("aux"), str(world.root), args.scale, args.val_limit
+                ),
+                (*after, hybrid) if arm == "no-neg" and hybrid in tasks else after,
+            )  # fmt: skip
+    done = _run_tasks(tasks, args.jobs, max(1, cores // args.jobs))
+    results = [done[name] for name in tasks if name not in ("base", "base-general", "aux")]
     if args.demo_only:
         final = Path(results[0]["checkpoint"])
         shutil.rmtree(DEMO_DIR, ignore_errors=True)
@@ -284,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "random_map50_easy": random_choice_map(first_records(world.val_easy, args.val_limit)),
         "proposal_ranking_map50": proposal_ranking_map(first_records(world.val, args.val_limit)),
         "proposal_ranking_map50_easy": proposal_ranking_map(first_records(world.val_easy, args.val_limit)),
-        "base_general": evaluate_checkpoint(base, world.val_general),
+        "base_general": done["base-general"],
         "arms": sorted(results, key=lambda r: (ARMS.index(r["arm"]), r["seed"])),
         "minutes": (time.perf_counter() - start) / 60,
     }

@@ -9,7 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from vlm_fo1.data.records import read_records
 from vlm_fo1.evaluation.coords import COORDS_FORMAT
@@ -84,6 +86,15 @@ def test_recipe_arms_run_and_share_stage1(world, tmp_path):
     assert config["region_pointer"] is True and config["region_pointer_label"] is True
     assert config["region_pointer_match"] is True
     assert "region_set_loss: true" in (hybrid / "run_config.yaml").read_text()
+    # Recipe.freeze_aux: the DaViT leaves perception pretraining as it stays through stages 1 and 2.
+    for phase in ("stage1", "stage2"):
+        trainable = json.loads((tmp_path / "hybrid" / phase / "train_summary.json").read_text())["trainable"]
+        assert "aux_encoder" not in trainable and "region_encoder" in trainable, phase
+    perceived = load_file(str(tmp_path / "hybrid" / "perception" / "model.safetensors"))
+    final = load_file(str(hybrid / "model.safetensors"))
+    aux_keys = [k for k in final if k.startswith("aux_encoder.")]
+    assert aux_keys and all(torch.equal(final[k], perceived[k]) for k in aux_keys)
+    assert any(not torch.equal(final[k], perceived[k]) for k in final if k.startswith("region_encoder."))
     no_neg = train_fo1(
         world,
         base,
@@ -191,12 +202,30 @@ def test_run_demo_on_a_tiny_checkpoint(tmp_path):
         run_demo(tmp_path / "missing")
 
 
-def test_benchmark_report_formats_every_arm():
+def _benchmark_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("miniature_benchmark", ROOT / "benchmarks" / "miniature.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_runs_each_task_after_its_prerequisites():
+    bench = _benchmark_module()
+    tasks = {
+        "late": bench._Task(pow, lambda done: (done["early"], 2), ("early",)),  # listed first, runs second
+        "early": bench._Task(pow, lambda done: (2, 3)),
+        "free": bench._Task(max, lambda done: (1, 5)),
+    }
+    assert bench._run_tasks(tasks, workers=2, threads=1) == {"early": 8, "free": 5, "late": 64}
+    with pytest.raises(ValueError, match="wait on tasks that are not there"):
+        bench._run_tasks({"x": bench._Task(max, lambda done: (1, 2), ("missing",))}, workers=1, threads=1)
+
+
+def test_benchmark_report_formats_every_arm():
+    bench = _benchmark_module()
     val = {
         "detection/mAP50": 0.5,
         "referring/acc50": 0.25,
@@ -225,12 +254,13 @@ def test_benchmark_report_formats_every_arm():
     )
 
 
-def test_shipped_yaml_configs_shuffle_regions_like_the_recipe():
+def test_shipped_yaml_configs_shuffle_regions_and_freeze_like_the_recipe():
     from vlm_fo1.training import load_run_config
 
     for name in ("stage1", "stage2"):
         config = load_run_config(ROOT / "configs" / "miniature" / f"{name}.yaml")
         assert config.data.shuffle_regions == Recipe().shuffle_regions, name
+        assert config.model.freeze == (["aux_encoder"] if Recipe().freeze_aux else []), name
 
 
 # -- the CI learning test -----------------------------------------------------------------------------------
@@ -313,8 +343,6 @@ def test_perceive_command_writes_a_checkpoint_with_its_accuracy(world, tmp_path,
 
 
 def test_pretrain_aux_command_and_perceive_from_its_weights(world, tmp_path, capsys):
-    from safetensors.torch import load_file
-
     from vlm_fo1.cli import main
     from vlm_fo1.model import FO1ForConditionalGeneration
 

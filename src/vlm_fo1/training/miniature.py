@@ -11,9 +11,10 @@ and the demo checkpoint all run the same steps::
 
 An FO1 arm is: dense pretraining of the auxiliary encoder (``training.aux_pretraining``; shared
 between arms when passed as ``aux_from``) and region perception pretraining
-(``training.perception``) - together the stand-in for a pretrained DaViT -, stage 1 (region side
-and connector; LLM frozen), an optional stage-2 phase on easy scenes (``Recipe.easy_steps``, off
-by default), then stage 2 on the medium and full world with the general data mixed in. The
+(``training.perception``) - together the stand-in for a pretrained DaViT, frozen from then on
+(``Recipe.freeze_aux``) -, stage 1 (region side and connector; LLM frozen), an optional stage-2
+phase on easy scenes (``Recipe.easy_steps``, off by default), then stage 2 on the medium and full
+world with the general data mixed in. The
 coordinate baseline trains the same base with the same number of stage-1 + stage-2 steps to write
 boxes as text (``evaluation.coords``).
 """
@@ -119,6 +120,10 @@ class Recipe:
     """Weight of the word-match loss in region perception pretraining (needs the model option
     ``region_pointer_match``; ``training.perception``)."""
     stage1_steps: int = 150
+    freeze_aux: bool = True
+    """Keep the auxiliary encoder as region perception left it through stages 1 and 2 (the paper
+    trains it in stage 2; here its LM-loss updates cost a quarter of an arm's time and did not help,
+    docs/training.md). The stage presets (``training.stages``) are the paper's either way."""
     easy_steps: int = 0
     """Steps of the easy-scene phase of stage 2 before the full one (0: none)."""
     full_steps: int = 450
@@ -268,13 +273,14 @@ def _stage(
     *,
     keep: str = "all",
     overrides: dict[str, Any] | None = None,
+    freeze: Sequence[str] = (),
     exclude_negatives: bool = False,
     progress: bool = False,
 ) -> Path:
     config: dict[str, Any] = {
         "stage": stage,
         "seed": seed,
-        "model": {"preset": recipe.preset, "overrides": overrides or {}},
+        "model": {"preset": recipe.preset, "overrides": overrides or {}, "freeze": list(freeze)},
         "data": {
             "train": [
                 {"path": str(p), "weight": w} | ({"tasks": list(t)} if t else {}) for p, w, t in sources
@@ -425,6 +431,7 @@ def train_fo1(
     arm's stage-1 checkpoint (arms that differ only in stage 2, such as the no-negatives arm)."""
     out = Path(out)
     overrides = {**recipe.overrides, "region_source": region_source}
+    freeze = ("aux_encoder",) if recipe.freeze_aux else ()
     if stage1_from is None:
         perceived = Path(perception_from) if perception_from is not None else out / "perception"
         if not (perceived / "config.json").is_file():
@@ -442,6 +449,7 @@ def train_fo1(
             recipe.stage1_steps,
             recipe,
             seed,
+            freeze=freeze,
             progress=progress,
         )
     else:
@@ -456,6 +464,7 @@ def train_fo1(
             recipe.easy_steps,
             recipe,
             seed,
+            freeze=freeze,
             exclude_negatives=not negatives,
             progress=progress,
         )
@@ -467,6 +476,7 @@ def train_fo1(
         recipe.full_steps,
         recipe,
         seed,
+        freeze=freeze,
         exclude_negatives=not negatives,
         progress=progress,
     )
