@@ -440,6 +440,38 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
         perception._WordMatch(model, processor, background)
 
 
+def test_region_perception_match_lr_scale_speeds_only_the_match(stage0, tmp_path):
+    """Adam's first step moves each parameter by about its learning rate, so ``match_lr_scale``
+    moves ``region_match`` that much farther while the region encoder moves as before."""
+    data = tmp_path / "world"
+    generate_dataset(data, 12, seed=5, split_name="train", proposal_config=ProposalConfig(max_proposals=8))
+    scenes = data / "train_scenes.jsonl"
+    config = run_config_from_dict(
+        _config(data, Path("x"), 1, stage0, model={"keep": "vlm", "overrides": MATCH})
+    )
+    moved = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model, processor = init_model(config)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        pretrain_region_perception(
+            model, processor, scenes, steps=1, batch_size=4, held_out=4, match_weight=1.0,
+            match_lr_scale=scale, progress=False,
+        )  # fmt: skip
+        moved[scale] = {
+            group: max(
+                (p.detach() - before[n]).abs().max().item()
+                for n, p in model.named_parameters()
+                if n.startswith(group)
+            )
+            for group in ("region_match", "region_encoder")
+        }
+    assert moved[10.0]["region_match"] == pytest.approx(10 * moved[1.0]["region_match"], rel=0.05)
+    assert moved[10.0]["region_encoder"] == pytest.approx(moved[1.0]["region_encoder"], rel=0.05)
+    with pytest.raises(ValueError, match="match_lr_scale must be > 0, got 0"):
+        pretrain_region_perception(model, processor, scenes, steps=1, match_weight=1.0, match_lr_scale=0)
+
+
 def test_probe_detection_scores_regions_by_the_kind_head(stage0, tmp_path, monkeypatch):
     """With region features that are the truth (one-hot kind of each target region), the probe
     ranks every target region first: mAP@0.5 is 1 when every object has a proposal."""

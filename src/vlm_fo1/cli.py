@@ -94,6 +94,7 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         perception_align_weight=args.align_weight,
         perception_match_weight=args.match_weight,
+        perception_match_lr_scale=args.match_lr_scale,
     )
     out = perceive(
         args.base,
@@ -465,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="word-match loss weight (trains the connector and the label-region match; the recipe's by default)",
+    )
+    perceive.add_argument(
+        "--match-lr-scale",
+        type=float,
+        default=None,
+        help="learning-rate multiplier of the label-region match's own parameters (the recipe's by default)",
     )
     perceive.add_argument("--region-source", choices=["hybrid", "vit", "aux"], default="hybrid")
     perceive.add_argument(

@@ -119,6 +119,8 @@ class Recipe:
     perception_match_weight: float = 1.0
     """Weight of the word-match loss in region perception pretraining (needs the model option
     ``region_pointer_match``; ``training.perception``)."""
+    perception_match_lr_scale: float = 1.0
+    """Learning-rate multiplier of the match's own parameters in region perception pretraining."""
     stage1_steps: int = 150
     freeze_aux: bool = True
     """Keep the auxiliary encoder as region perception left it through stages 1 and 2 (the paper
@@ -400,7 +402,7 @@ def perceive(
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
         align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
-        progress=progress,
+        match_lr_scale=recipe.perception_match_lr_scale, progress=progress,
     )  # fmt: skip
     logger.info("region perception pretraining: %s", result.to_json())
     out = Path(out)

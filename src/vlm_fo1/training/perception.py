@@ -323,6 +323,7 @@ def pretrain_region_perception(
     held_out: int | None = None,
     align_weight: float = 0.0,
     match_weight: float = 0.0,
+    match_lr_scale: float = 1.0,
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -343,10 +344,17 @@ def pretrain_region_perception(
             connector and ``region_match``; needs ``region_pointer_match``. The held-out
             ``match`` accuracy is the share of proposals whose kind word (bare spelling) wins the
             kind problem, or whose "none" logit wins it when they are background.
+        match_lr_scale: learning-rate multiplier of the match's own parameters (``region_match``
+            and the "none" logits). They start at zero and the kind words' embeddings are nearly
+            parallel (cosine up to 0.9 in the miniature's base), so at the base rate the match
+            lags the linear heads (held-out match accuracy 0.68 against 0.81 at 10x, 200 steps).
 
     Raises:
-        ValueError: for non-positive sizes or a file without usable scenes.
+        ValueError: for non-positive sizes or a file without usable scenes, or a non-positive
+            ``match_lr_scale``.
     """
+    if not match_lr_scale > 0:
+        raise ValueError(f"match_lr_scale must be > 0, got {match_lr_scale!r}")
     start = time.perf_counter()
     root = Path(image_root) if image_root is not None else Path(scenes_path).parent
     scenes = read_scene_regions(scenes_path)
@@ -362,13 +370,16 @@ def pretrain_region_perception(
     trainable = [*model.region_encoder.parameters()]
     if align_weight > 0 or match is not None:
         trainable += [*model.connector.parameters()]
-    if match is not None:
-        trainable += [*model.region_match.parameters(), match.none]
     if model.aux_encoder is not None:
         trainable += [*model.aux_encoder.parameters()]
+    groups = [{"params": [*trainable, *heads.parameters()], "lr": lr}]
+    if match is not None:
+        matching = [*model.region_match.parameters(), match.none]
+        trainable += matching
+        groups.append({"params": matching, "lr": lr * match_lr_scale})
     for param in trainable:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW([*trainable, *heads.parameters()], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     vectors = _word_vectors(model, processor, classes) if align_weight > 0 else {}
 
