@@ -108,6 +108,26 @@ def test_batch_with_different_box_counts_equals_single_runs(processor, model):
         assert out[i, width:].tolist() == ref[0, single["input_ids"].shape[1] :].tolist()
 
 
+def test_aux_encoder_runs_only_on_the_images_with_boxes(processor, model):
+    """A batch that mixes a region record with a region-free one runs the DaViT on one image; the
+    region record's logits are those of running it alone."""
+    images = [make_image(), make_image(100, 100, seed=2)]
+    conversations = [[{"role": "user", "content": p}] for p in (P.detect("cat"), P.ask("How many?"))]
+    batch = processor(conversations, images=images, boxes=[BOXES, []])
+    seen = []
+    handle = model.aux_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        mixed = model(**batch).logits
+        single = processor(conversations[0], images=images[0], boxes=BOXES)
+        alone = model(**single).logits
+    handle.remove()
+    assert seen == [1, 1]
+    width = single["input_ids"].shape[1]
+    torch.testing.assert_close(mixed[0, -width:], alone[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"one image per image of the batch \(2\), got 1"):
+        model._encode_aux_where(batch["aux_pixel_values"][:1], [True, False])
+
+
 def test_save_and_load_round_trip(tmp_path, processor, model, image):
     batch = processor(P.detect("cat"), images=image, boxes=BOXES)
     model.save_pretrained(tmp_path)

@@ -172,7 +172,7 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         if self.aux_encoder is not None:
             if aux_pixel_values is None:
                 raise ValueError("this model's region encoder needs aux_pixel_values, got None")
-            aux_levels = encode_aux(self.aux_encoder, aux_pixel_values)
+            aux_levels = self._encode_aux_where(aux_pixel_values, [len(b) > 0 for b in aux_boxes])
         maps = encoding.feature_maps
         regions = self.region_encoder(
             vit_features=[m.features for m in maps] if maps else None,
@@ -184,6 +184,23 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         )  # (ΣN, region width), float32, images in order = samples in order
         tokens = self.connector(regions.to(self.connector_dtype))  # (ΣN, D_llm)
         return self._finish_region_tokens(tokens, region_counts)
+
+    def _encode_aux_where(self, pixel_values: torch.Tensor, used: list[bool]) -> list[torch.Tensor]:
+        """The auxiliary maps of the images that have boxes (``used``), zeros for the others, which
+        no box pools from: one ``(num_images, C_i, H_i, W_i)`` map per level. A batch that mixes
+        region records with region-free ones (captions, VQA) runs the DaViT only where needed."""
+        if pixel_values.shape[0] != len(used):
+            raise ValueError(
+                f"aux_pixel_values must hold one image per image of the batch ({len(used)}), "
+                f"got {pixel_values.shape[0]}"
+            )
+        if all(used):
+            return encode_aux(self.aux_encoder, pixel_values)
+        index = torch.tensor([i for i, u in enumerate(used) if u], device=pixel_values.device)
+        levels = encode_aux(self.aux_encoder, pixel_values[index])
+        return [
+            level.new_zeros((len(used), *level.shape[1:])).index_copy(0, index, level) for level in levels
+        ]
 
     def encode_sample(
         self, batch: Any, image_encoding: ImageEncoding | None = None
