@@ -119,8 +119,9 @@ class Recipe:
     perception_match_weight: float = 1.0
     """Weight of the word-match loss in region perception pretraining (needs the model option
     ``region_pointer_match``; ``training.perception``)."""
-    perception_match_lr_scale: float = 1.0
-    """Learning-rate multiplier of the match's own parameters in region perception pretraining."""
+    perception_match_lr_scale: float = 30.0
+    """Learning-rate multiplier of the match's own parameters in region perception pretraining
+    (hybrid seed 0, full-world constrained mAP@0.5 0.503 at 1, 0.587 at 10, 0.596 at 30)."""
     stage1_steps: int = 150
     freeze_aux: bool = True
     """Keep the auxiliary encoder as region perception left it through stages 1 and 2 (the paper
