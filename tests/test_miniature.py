@@ -136,6 +136,8 @@ def test_recipe_rejects_missing_phases():
         Recipe(easy_steps=-1)
     with pytest.raises(ValueError, match=r"Recipe.full_steps must be an int >= 1, got 2.5"):
         Recipe(full_steps=2.5)
+    with pytest.raises(ValueError, match=r"Recipe.perception_match_lr_scale must be > 0, got 0"):
+        Recipe(perception_match_lr_scale=0)
     assert Recipe(easy_steps=0, aux_pretrain_steps=0).fo1_steps == Recipe().stage1_steps + Recipe().full_steps
 
 

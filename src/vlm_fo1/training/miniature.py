@@ -14,9 +14,8 @@ between arms when passed as ``aux_from``) and region perception pretraining
 (``training.perception``) - together the stand-in for a pretrained DaViT, frozen from then on
 (``Recipe.freeze_aux``) -, stage 1 (region side and connector; LLM frozen), an optional stage-2
 phase on easy scenes (``Recipe.easy_steps``, off by default), then stage 2 on the medium and full
-world with the general data mixed in. The
-coordinate baseline trains the same base with the same number of stage-1 + stage-2 steps to write
-boxes as text (``evaluation.coords``).
+world with the general data mixed in. The coordinate baseline trains the same base with the same
+number of stage-1 + stage-2 steps to write boxes as text (``evaluation.coords``).
 """
 
 from __future__ import annotations
@@ -153,6 +152,9 @@ class Recipe:
             least = 1 if name in required else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"Recipe.{name} must be an int >= {least}, got {value!r}")
+        for name in ("lr", "perception_match_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Recipe.{name} must be > 0, got {getattr(self, name)!r}")
 
     @property
     def fo1_steps(self) -> int:
