@@ -96,9 +96,9 @@ def difficulty_configs(
     many (a curriculum breaks the plateau, see docs/training.md); ``easy`` scenes, which every
     stage trains on in part, have one or two objects whose single tight proposal is joined by at
     most one background box. ``medium`` has up to four objects with some duplicates, parts and
-    distractors; ``full`` is the default world (:class:`SceneConfig` and :class:`ProposalConfig` defaults). ``nms_iou``:
-    every level's proposals pass the release's NMS at this IoU (:class:`ProposalConfig`; None
-    keeps every box).
+    distractors; ``full`` is the default world (:class:`SceneConfig` and :class:`ProposalConfig`
+    defaults). ``nms_iou``: every level's proposals pass the release's NMS at this IoU
+    (:class:`ProposalConfig`; None keeps every box).
 
     Raises:
         ValueError: for an unknown difficulty.

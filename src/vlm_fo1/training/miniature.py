@@ -139,9 +139,9 @@ class Recipe:
     easy_tasks: tuple[str, ...] | None = None
     """With ``easy_steps > 0``. None: the first stage-2 phase trains on ``EASY_MIX`` (every task
     of the easy scenes and the general data); a tuple: on those tasks of the easy scenes alone
-    (the general data comes back in the second phase). :data:`DETECTION_TASKS` is the one change that moved full-world
-    retrieval in docs/training.md; not the default, because the benchmark has not been rerun
-    with it."""
+    (the general data comes back in the second phase). :data:`DETECTION_TASKS` is the one change
+    that moved full-world retrieval in docs/training.md; not the default, because the benchmark
+    has not been rerun with it."""
     preset: str = "mini"
     overrides: dict[str, Any] = field(default_factory=lambda: dict(FO1_OVERRIDES))
 
