@@ -678,3 +678,30 @@ def test_ranked_evaluation_reports_the_ranking_map(world, model, processor):
     perfect = score_records(detection, answers).metrics
     assert perfect["detection/mAP50@ranked"] == perfect["detection/mAP50"]
     assert proposal_ranking_map(detection) < perfect["detection/mAP50@ranked"]
+
+
+def test_rank_queries_in_one_batch_equal_one_rank_regions_call_each(world, model, processor):
+    from vlm_fo1.ranking import RankQuery, rank_queries, rank_regions
+
+    root, records = world
+    chosen = [r for r in records if r.meta["task"] in ("detection", "multi_detection") and r.boxes][:5]
+    assert len({len(r.boxes) for r in chosen}) > 1  # rows of different lengths share the batch
+    queries = [
+        RankQuery(r.prompt_messages(), r.image_path(root), r.boxes, [*r.meta["classes"], "word"])
+        for r in chosen
+    ]
+    batched = rank_queries(model, processor, queries)
+    for query, got in zip(queries, batched, strict=True):
+        expected = rank_regions(model, processor, query.conversation, query.image, query.boxes, query.labels)
+        assert set(got) == set(expected)
+        for label, values in expected.items():
+            torch.testing.assert_close(torch.tensor(got[label]), torch.tensor(values), rtol=1e-4, atol=1e-6)
+    assert rank_queries(model, processor, []) == []
+    with pytest.raises(ValueError, match="at least one candidate box"):
+        rank_queries(model, processor, [RankQuery(queries[0].conversation, queries[0].image, [], ["circle"])])
+    with pytest.raises(ValueError, match="special tokens"):
+        rank_queries(
+            model,
+            processor,
+            [RankQuery(*[getattr(queries[0], f) for f in ("conversation", "image", "boxes")], ["<region1>"])],
+        )

@@ -34,7 +34,9 @@ def _named_before(labels: torch.Tensor, b: int, k: int) -> list[int]:
     return named
 
 
-def _reference(logits: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
+def _reference(
+    logits: torch.Tensor, labels: torch.Tensor, weight: float, close_weight: float = 1.0
+) -> torch.Tensor:
     """Loop form: a region target's loss is -log of the summed probability of it and the region
     targets after it in the same run of consecutive region targets, with the run's regions before
     it out of the softmax (and all of them at the position after the run)."""
@@ -55,7 +57,7 @@ def _reference(logits: torch.Tensor, labels: torch.Tensor, weight: float) -> tor
                     k += 1
                 loss, w = -torch.logsumexp(log_p[members], 0), weight
             else:
-                loss, w = -log_p[target], 1.0
+                loss, w = -log_p[target], close_weight if target == CLOSE else 1.0
             total, norm = total + w * loss, norm + w
     return total / norm
 
@@ -124,3 +126,22 @@ def test_set_loss_is_finite_and_differentiable_with_no_region_targets():
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, plain)
     torch.testing.assert_close(grad, plain_grad)
+
+
+def test_close_targets_count_close_weight_times_with_and_without_the_set_loss():
+    logits, labels = _batch(3)
+    for set_targets in (True, False):
+        weighted = region_token_loss(
+            logits, labels, REGIONS, 5.0, set_targets=set_targets, close_id=CLOSE, close_weight=5.0
+        )
+        if set_targets:
+            torch.testing.assert_close(weighted, _reference(logits, labels, 5.0, close_weight=5.0))
+        unweighted = region_token_loss(logits, labels, REGIONS, 5.0, set_targets=set_targets)
+        assert not torch.isclose(weighted, unweighted)
+    # a negative's answer (the close right after <objects>, no region) is weighted too
+    negative = torch.tensor([[-100, TEXT, CLOSE]])
+    row = logits[:1, :3]
+    log_p = row[0].log_softmax(-1)
+    expected = (-log_p[0, TEXT] - 4.0 * log_p[1, CLOSE]) / 5.0
+    got = region_token_loss(row, negative, REGIONS, 5.0, set_targets=True, close_id=CLOSE, close_weight=4.0)
+    torch.testing.assert_close(got, expected)

@@ -70,6 +70,16 @@ def test_world_has_every_split_and_reuses_files(world):
         make_world(world.root, replace(TINY_WORLD, val=7))
 
 
+def test_world_made_by_two_processes_is_the_same_world(world, tmp_path):
+    parallel = make_world(tmp_path / "world", TINY_WORLD, workers=2)
+    files = sorted(p.relative_to(world.root) for p in world.root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(parallel.root) for p in parallel.root.rglob("*") if p.is_file())
+    for name in files:
+        assert (world.root / name).read_bytes() == (parallel.root / name).read_bytes(), name
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        make_world(tmp_path / "other", TINY_WORLD, workers=0)
+
+
 def test_recipe_arms_run_and_share_stage1(world, tmp_path):
     base = train_base(world, tmp_path / "base", TINY_RECIPE)
     hybrid = train_fo1(world, base, tmp_path / "hybrid", TINY_RECIPE)
@@ -138,6 +148,8 @@ def test_recipe_rejects_missing_phases():
         Recipe(full_steps=2.5)
     with pytest.raises(ValueError, match=r"Recipe.perception_match_lr_scale must be > 0, got 0"):
         Recipe(perception_match_lr_scale=0)
+    with pytest.raises(ValueError, match=r"Recipe.close_loss_weight must be > 0, got -1"):
+        Recipe(close_loss_weight=-1)
     assert Recipe(easy_steps=0, aux_pretrain_steps=0).fo1_steps == Recipe().stage1_steps + Recipe().full_steps
 
 
@@ -178,6 +190,7 @@ def test_shipped_yaml_configs_follow_the_recipe():
         if config.stage > 0:
             assert config.optim.region_loss_weight == recipe.region_loss_weight
             assert config.optim.region_set_loss == recipe.region_set_loss
+            assert config.optim.close_loss_weight == recipe.close_loss_weight
     stage2 = load_run_config(folder / "stage2.yaml")
     assert Path(stage2.model.init).name == "stage1"
     weights = {Path(s.path).stem: s.weight for s in stage2.data.train}
@@ -254,6 +267,13 @@ def test_benchmark_report_formats_every_arm():
     assert (
         "| metric | hybrid | vit |" in mass and "| detection/mAP50 | 0.650 ± 0.071 | 0.650 ± 0.071 |" in mass
     )
+    for arm in arms:  # the default run evaluates the ablation arms under constrained decoding only
+        if arm["arm"] == "vit":
+            del arm["val"], arm["val_mass"]
+    raw, rest = bench.report(results).split("decoded as the Predictor decodes", 1)
+    assert "| metric | hybrid | coords |" in raw
+    assert "| metric | hybrid | vit | coords |" in rest
+    assert "| metric | hybrid |\n" in rest.split("`stop_by_mass`")[1]
 
 
 def test_shipped_yaml_configs_shuffle_regions_and_freeze_like_the_recipe():

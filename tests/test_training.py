@@ -16,16 +16,18 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 from vlm_fo1.data.collate import FO1Collator
 from vlm_fo1.data.records import read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.synthetic import ProposalConfig, TaskMix, generate_dataset
+from vlm_fo1.tokenization import objects_close_id
 from vlm_fo1.training import configure_trainable, load_run_config, merge_lora, run_config_from_dict, train
 from vlm_fo1.training.losses import region_token_loss
 from vlm_fo1.training.perception import pretrain_region_perception, read_scene_regions
 from vlm_fo1.training.stages import fo1_token_ids
-from vlm_fo1.training.trainer import init_model
+from vlm_fo1.training.trainer import FO1Trainer, init_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +191,7 @@ def test_stage1_updates_only_fo1_token_rows(stage0, data_dir):
     assert not torch.equal(model.vlm.lm_head.weight.detach()[ids], head_before[ids])
 
 
-def test_region_loss_weight_matches_the_model_loss_and_upweights_region_tokens(stage0, data_dir):
+def test_region_loss_weight_matches_the_model_loss_and_upweights_region_tokens(stage0, data_dir, tmp_path):
     config = run_config_from_dict(_config(data_dir, Path("x"), 1, stage0))
     model, processor = init_model(config)
     records = [r for r in read_records(data_dir / "train.jsonl") if "<region" in r.messages[-1]["content"]]
@@ -213,6 +215,24 @@ def test_region_loss_weight_matches_the_model_loss_and_upweights_region_tokens(s
         run_config_from_dict(_config(data_dir, Path("x"), 1, stage0, optim={"region_loss_weight": 0}))
     with pytest.raises(ValueError, match="region_set_loss must be a bool"):
         run_config_from_dict(_config(data_dir, Path("x"), 1, stage0, optim={"region_set_loss": "yes"}))
+    with pytest.raises(ValueError, match="close_loss_weight must be a positive number"):
+        run_config_from_dict(_config(data_dir, Path("x"), 1, stage0, optim={"close_loss_weight": -1}))
+    # the trainer weights </objects> targets with close_loss_weight: the tokenizer's id of it
+    close = objects_close_id(processor.tokenizer)
+    closing = targets == close
+    assert closing.any()
+    torch.testing.assert_close(
+        region_token_loss(out.logits, batch["labels"], ids, 1.0, close_id=close, close_weight=1e6),
+        per_token[closing].mean(),
+        rtol=1e-3,
+        atol=1e-4,
+    )
+    trainer = FO1Trainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[]))
+    trainer.close_id, trainer.close_loss_weight = close, 1e6
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trainer.compute_loss(model, dict(batch)), per_token[closing].mean(), rtol=1e-3, atol=1e-4
+        )
 
 
 def test_lora_trains_and_merges(stage0, data_dir):
@@ -248,7 +268,7 @@ def test_three_stages_chain(stage0, data_dir, tmp_path):
     assert result.steps == 4
     stage2 = tmp_path / "stage2"
     stage2_config = _config(data_dir, stage2, 2, stage1)
-    stage2_config["optim"]["region_loss_weight"] = 4.0  # through FO1Trainer.compute_loss
+    stage2_config["optim"] |= {"region_loss_weight": 4.0, "close_loss_weight": 4.0}  # FO1Trainer.compute_loss
     train(run_config_from_dict(stage2_config), progress=False)
     summary = json.loads((stage2 / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_loss"] > 0

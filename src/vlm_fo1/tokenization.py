@@ -91,6 +91,14 @@ def fo1_token_ids(tokenizer: Qwen2Tokenizer, max_regions: int) -> dict[str, Any]
     )
 
 
+def objects_close_id(tokenizer: Qwen2Tokenizer) -> int:
+    """Id of ``</objects>``; ValueError when the tokenizer does not hold it as one token."""
+    ids = tokenizer.encode(T.OBJECTS_CLOSE, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"expected {T.OBJECTS_CLOSE!r} to be a single token, got ids {ids}")
+    return ids[0]
+
+
 def _train_bpe(corpus: Sequence[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(

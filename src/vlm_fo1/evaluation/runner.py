@@ -38,7 +38,7 @@ from vlm_fo1.evaluation.scoring import (
     score_records,
     task_of,
 )
-from vlm_fo1.ranking import rank_regions
+from vlm_fo1.ranking import RankQuery, rank_queries
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +161,13 @@ def _rank_detections(
     image_root: str | Path | None,
     answers: list[GeneratedAnswer | None],
     errors: list[dict[str, Any]],
+    batch_size: int,
     progress: bool,
 ) -> None:
-    """Attach :func:`rank_regions` scores to the answers of (multi-)detection region records; a
-    record whose ranking fails is reported in ``errors`` and dropped like a failed generation."""
+    """Attach ranking scores (:func:`rank_queries`, ``batch_size`` records per forward pass) to the
+    answers of (multi-)detection region records. When a batch fails its records are ranked one
+    by one; a record whose ranking fails is reported in ``errors`` and dropped like a failed
+    generation."""
     todo = [
         i
         for i, record in enumerate(records)
@@ -174,24 +177,41 @@ def _rank_detections(
         and task_of(record) in ("detection", "multi_detection")
         and query_labels(record)
     ]
-    for i in tqdm(todo, desc="rank", disable=not progress):
-        record, answer, labels = records[i], answers[i], query_labels(records[i])
-        assert answer is not None and labels is not None
+
+    def query(i: int) -> RankQuery:
+        record = records[i]
+        return RankQuery(
+            record.prompt_messages(), record.image_path(image_root), record.boxes, query_labels(record)
+        )
+
+    def attach(indexes: list[int]) -> None:
+        for i, scores in zip(
+            indexes, rank_queries(model, processor, [query(i) for i in indexes]), strict=True
+        ):
+            answers[i] = dataclasses.replace(answers[i], ranked=scores)
+
+    batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    for indexes in tqdm(batches, desc="rank", disable=not progress):
         try:
-            scores = rank_regions(
-                model,
-                processor,
-                record.prompt_messages(),
-                record.image_path(image_root),
-                record.boxes,
-                labels,
-            )
-        except Exception as err:  # one bad record must not end the run: it is reported instead
-            logger.warning("record %r failed to rank: %r", record.id, err)
-            errors.append(error_entry(record, "ranking", err))
-            answers[i] = None
+            attach(indexes)
             continue
-        answers[i] = dataclasses.replace(answer, ranked=scores)
+        except Exception as err:  # isolated below, record by record
+            if len(indexes) == 1:
+                failed = [(indexes[0], err)]
+            else:
+                logger.info(
+                    "a ranking batch of %d failed (%r); ranking its records one by one", len(indexes), err
+                )
+                failed = []
+                for i in indexes:
+                    try:
+                        attach([i])
+                    except Exception as one:  # one bad record must not end the run: it is reported
+                        failed.append((i, one))
+        for i, err in failed:
+            logger.warning("record %r failed to rank: %r", records[i].id, err)
+            errors.append(error_entry(records[i], "ranking", err))
+            answers[i] = None
 
 
 def evaluate(
@@ -223,7 +243,7 @@ def evaluate(
         stop_by_mass: under the constraint, go on naming regions while they hold more probability
             together than ``</objects>`` (``vlm_fo1.decoding``; not in the release).
         ranked: also rank every region of each (multi-)detection record for each asked label
-            (:func:`vlm_fo1.ranking.rank_regions`, one forward pass per label) and report the
+            (:func:`vlm_fo1.ranking.rank_queries`, ``batch_size`` records at a time) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
         progress: show a progress bar.
 
@@ -259,7 +279,7 @@ def evaluate(
         for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
             _run_batch(generate, records, indexes, answers, errors)
         if ranked:
-            _rank_detections(model, processor, records, image_root, answers, errors, progress)
+            _rank_detections(model, processor, records, image_root, answers, errors, batch_size, progress)
     finally:
         model.train(was_training)
     done = [(record, answer) for record, answer in zip(records, answers, strict=True) if answer is not None]

@@ -101,6 +101,8 @@ class OptimSpec:
         region_set_loss: train each ``<regionN>`` target on the set of regions still to be named
             in its ``<objects>`` list, not on the one listed next (``training.losses``; not in the
             release).
+        close_loss_weight: weight of each ``</objects>`` answer token (the decision to stop
+            naming regions; a negative's one grounded choice; ``training.losses``).
     """
 
     steps: int = 300
@@ -115,6 +117,7 @@ class OptimSpec:
     region_lr_scale: float = 1.0
     region_loss_weight: float = 1.0
     region_set_loss: bool = False
+    close_loss_weight: float = 1.0
 
 
 @dataclass
@@ -151,7 +154,7 @@ class RunConfig:
             value = getattr(spec, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr", "region_lr_scale", "region_loss_weight"):
+        for name in ("lr", "region_lr_scale", "region_loss_weight", "close_loss_weight"):
             value = getattr(self.optim, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"optim.{name} must be a positive number, got {value!r}")

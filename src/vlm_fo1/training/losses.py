@@ -28,8 +28,11 @@ def region_token_loss(
     weight: float = 1.0,
     *,
     set_targets: bool = False,
+    close_id: int | None = None,
+    close_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Next-token cross-entropy where targets in ``token_ids`` count ``weight`` times.
+    """Next-token cross-entropy where targets in ``token_ids`` count ``weight`` times (and
+    ``close_id`` targets ``close_weight`` times).
 
     Args:
         logits: ``(B, L, V)``; position t predicts ``labels[:, t + 1]``.
@@ -40,6 +43,10 @@ def region_token_loss(
             run of consecutive region targets, with the regions named before it (and, at the
             position after the run, all of the run's) out of the softmax (module docstring),
             instead of the one listed next against every token.
+        close_id / close_weight: the ``</objects>`` id and its targets' weight. Inside
+            ``<objects>`` each position makes one choice, another region or ``</objects>``; with
+            the regions up-weighted and the close not, the loss favours naming one more region
+            (a negative's answer is the close alone).
     Returns:
         the weighted mean, a scalar (0 when no token is trained).
     """
@@ -50,6 +57,8 @@ def region_token_loss(
     if set_targets and bool(special.any()):
         losses = losses.index_put(*_set_and_close_losses(scores, targets, special))
     weights = (targets != -100).float() * torch.where(special, float(weight), 1.0)
+    if close_id is not None and close_weight != 1.0:
+        weights = torch.where(targets == close_id, weights * float(close_weight), weights)
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 

@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,8 @@ class Recipe:
     region_loss_weight: float = 5.0
     region_set_loss: bool = True
     """Train each region target on the set of regions still to be named (``training.losses``)."""
+    close_loss_weight: float = 1.0
+    """Weight of each ``</objects>`` target (the decision to stop naming regions)."""
     shuffle_regions: float = 1.0
     pack_turns: int = 1
     easy_tasks: tuple[str, ...] | None = None
@@ -152,7 +155,7 @@ class Recipe:
             least = 1 if name in required else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"Recipe.{name} must be an int >= {least}, got {value!r}")
-        for name in ("lr", "perception_match_lr_scale"):
+        for name in ("lr", "perception_match_lr_scale", "close_loss_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Recipe.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -183,14 +186,51 @@ def _differences(wanted: dict[str, Any], found: dict[str, Any]) -> dict[str, tup
     return {k: (v, found[k]) for k, v in wanted.items() if k in found and found[k] != v}
 
 
-def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bool = False) -> World:
-    """Generate (or reuse, when present and ``overwrite`` is false) every split the recipe needs.
+def _generate_split(
+    root: Path,
+    name: str,
+    scenes: int,
+    difficulty: str,
+    seed: int,
+    spec: WorldSpec,
+    recall: float,
+    general: bool,
+) -> Path:
+    """One split of :func:`make_world` (``root/{name}.jsonl``); a recall-sweep split (``name``
+    ``recallNNN/detection``) keeps the validation split's detection records only."""
+    scene_config, proposal_config = difficulty_configs(
+        difficulty, max_proposals=spec.max_proposals, recall=recall, nms_iou=spec.nms_iou
+    )
+    target = root / f"{name}.jsonl"
+    sweep = target.stem == "detection"
+    written = generate_dataset(
+        target.parent,
+        scenes,
+        seed,
+        scene_config=scene_config,
+        proposal_config=proposal_config,
+        split_name="val" if sweep else name,
+        **({"mix": TaskMix.general()} if general else {}),
+    )
+    if sweep:  # same scenes and questions as val (same split name and seed); only the recall differs
+        write_records(target, (r for r in read_records(written) if r.meta.get("task") in DETECTION_TASKS))
+    return target
+
+
+def make_world(
+    root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bool = False, workers: int = 1
+) -> World:
+    """Generate (or reuse, when present and ``overwrite`` is false) every split the recipe needs,
+    with ``workers`` processes (the splits are independent).
 
     The spec is written to ``root/world.json``; a world is reused only under the same spec.
 
     Raises:
-        ValueError: ``root`` holds a world generated from another spec (and ``overwrite`` is false).
+        ValueError: ``root`` holds a world generated from another spec (and ``overwrite`` is false),
+            or ``workers < 1``.
     """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     root = Path(root)
     written = root / "world.json"
     wanted = json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the file holds them
@@ -206,56 +246,49 @@ def make_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, overwrite: bo
         root.mkdir(parents=True, exist_ok=True)
         written.write_text(json.dumps(wanted, indent=2))
 
-    def split(name: str, scenes: int, difficulty: str, *, seed: int, recall: float = 0.95, **kw) -> Path:
-        path = root / f"{name}.jsonl"
-        if path.is_file() and not overwrite:
-            return path
-        scene_config, proposal_config = difficulty_configs(
-            difficulty, max_proposals=spec.max_proposals, recall=recall, nms_iou=spec.nms_iou
-        )
-        return generate_dataset(
-            root,
-            scenes,
-            seed,
-            scene_config=scene_config,
-            proposal_config=proposal_config,
-            split_name=name,
-            **kw,
-        )
-
-    general = split("general", spec.general, "full", seed=spec.seed, mix=TaskMix.general())
-    easy = split("easy", spec.easy, "easy", seed=spec.seed)
-    medium = split("medium", spec.medium, "medium", seed=spec.seed)
-    full = split("train", spec.full, "full", seed=spec.seed)
-    val = split("val", spec.val, "full", seed=spec.val_seed)
-    val_easy = split("val_easy", spec.val_easy, "easy", seed=spec.val_seed)
-    val_general = split("val_general", spec.val_general, "full", seed=spec.val_seed, mix=TaskMix.general())
-    # Same scenes and questions as val (same split name and seed); only the proposals' recall differs.
-    # Detection records only (the recall sweep measures detection mAP).
-    val_recall = {}
-    for recall in spec.recalls:
-        path = root / f"recall{round(recall * 100):03d}" / "detection.jsonl"
-        if not path.is_file() or overwrite:
-            scene_config, proposal_config = difficulty_configs(
-                "full", max_proposals=spec.max_proposals, recall=recall, nms_iou=spec.nms_iou
-            )
-            every = generate_dataset(
-                path.parent, spec.val, spec.val_seed, scene_config=scene_config,
-                proposal_config=proposal_config, split_name="val",
-            )  # fmt: skip
-            write_records(path, (r for r in read_records(every) if r.meta.get("task") in DETECTION_TASKS))
-        val_recall[recall] = path
+    # name -> (scenes, difficulty, seed, recall, general mix); the largest first, for the pool
+    splits = {
+        "general": (spec.general, "full", spec.seed, 0.95, True),
+        "train": (spec.full, "full", spec.seed, 0.95, False),
+        "easy": (spec.easy, "easy", spec.seed, 0.95, False),
+        "medium": (spec.medium, "medium", spec.seed, 0.95, False),
+        "val": (spec.val, "full", spec.val_seed, 0.95, False),
+        "val_general": (spec.val_general, "full", spec.val_seed, 0.95, True),
+        "val_easy": (spec.val_easy, "easy", spec.val_seed, 0.95, False),
+    }
+    sweep = {recall: f"recall{round(recall * 100):03d}/detection" for recall in spec.recalls}
+    splits |= {name: (spec.val, "full", spec.val_seed, recall, False) for recall, name in sweep.items()}
+    todo = [n for n in splits if overwrite or not (root / f"{n}.jsonl").is_file()]
+    jobs = [(root, n, *splits[n][:3], spec, *splits[n][3:]) for n in todo]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            list(pool.map(_generate_split, *zip(*jobs, strict=True)))
+    else:
+        for job in jobs:
+            _generate_split(*job)
+    path = {n: root / f"{n}.jsonl" for n in splits}
     coords = {}
     for name, source in (
-        ("easy", easy),
-        ("medium", medium),
-        ("full", full),
-        ("val", val),
-        ("val_easy", val_easy),
+        ("easy", path["easy"]),
+        ("medium", path["medium"]),
+        ("full", path["train"]),
+        ("val", path["val"]),
+        ("val_easy", path["val_easy"]),
     ):
         target = root / f"{source.stem}_coords.jsonl"
         coords[name] = target if target.is_file() and not overwrite else _coords_file(source, target)
-    return World(root, general, easy, medium, full, val, val_easy, val_general, val_recall, coords)
+    return World(
+        root,
+        path["general"],
+        path["easy"],
+        path["medium"],
+        path["train"],
+        path["val"],
+        path["val_easy"],
+        path["val_general"],
+        {recall: path[name] for recall, name in sweep.items()},
+        coords,
+    )
 
 
 Source = tuple[Path, float, tuple[str, ...] | None]
@@ -300,6 +333,7 @@ def _stage(
             "lr": recipe.lr,
             "region_loss_weight": recipe.region_loss_weight,
             "region_set_loss": recipe.region_set_loss,
+            "close_loss_weight": recipe.close_loss_weight,
         },
         "output": {"dir": str(out), "save_steps": steps, "logging_steps": 25, "keep": 1},
     }

@@ -29,7 +29,7 @@ from vlm_fo1.data.collate import FO1Collator, RecordDataset
 from vlm_fo1.data.records import ConversationRecord, pack_conversations, permute_regions, read_records
 from vlm_fo1.model import FO1ForConditionalGeneration
 from vlm_fo1.processing import FO1Processor
-from vlm_fo1.tokenization import fo1_token_ids
+from vlm_fo1.tokenization import fo1_token_ids, objects_close_id
 from vlm_fo1.training.config import DataSpec, RunConfig
 from vlm_fo1.training.losses import region_token_loss
 from vlm_fo1.training.presets import miniature_tokenizer, preset_config
@@ -89,6 +89,8 @@ class FO1Trainer(Trainer):
     region_lr_scale: float = 1.0
     region_loss_weight: float = 1.0
     region_set_loss: bool = False
+    close_id: int | None = None
+    close_loss_weight: float = 1.0
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -97,14 +99,20 @@ class FO1Trainer(Trainer):
         ``training.losses.region_token_loss``: every ``<regionN>`` target counts
         ``region_loss_weight`` times (the choice of region is a few tokens of each answer; the rest
         is grammar and labels, learnt much sooner), and is trained on the set of regions still to
-        be named with ``region_set_loss``."""
-        if self.region_loss_weight == 1.0 and not self.region_set_loss:
+        be named with ``region_set_loss``; ``</objects>`` targets count ``close_loss_weight`` times."""
+        if self.region_loss_weight == 1.0 and self.close_loss_weight == 1.0 and not self.region_set_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         ids = self.model.config.region_token_ids
         loss = region_token_loss(
-            outputs.logits, labels, ids, self.region_loss_weight, set_targets=self.region_set_loss
+            outputs.logits,
+            labels,
+            ids,
+            self.region_loss_weight,
+            set_targets=self.region_set_loss,
+            close_id=self.close_id,
+            close_weight=self.close_loss_weight,
         )
         return (loss, outputs) if return_outputs else loss
 
@@ -318,6 +326,9 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     trainer.region_lr_scale = config.optim.region_lr_scale
     trainer.region_loss_weight = config.optim.region_loss_weight
     trainer.region_set_loss = config.optim.region_set_loss
+    trainer.close_loss_weight = config.optim.close_loss_weight
+    if config.optim.close_loss_weight != 1.0:
+        trainer.close_id = objects_close_id(processor.tokenizer)
     resume = get_last_checkpoint(str(out)) if config.output.resume and out.exists() else None
     if resume:
         logger.info("resuming from %s", resume)
