@@ -219,6 +219,34 @@ def test_stop_by_mass_goes_on_when_the_regions_together_outweigh_the_close(proce
     assert allowed(logits, stop_by_mass=True) == {objects_close}
 
 
+def test_suppress_overlap_drops_the_boxes_of_an_object_already_named(processor):
+    vocab = GrammarVocabulary.from_processor(processor)
+    ground, ground_close, objects, objects_close = vocab.tags
+    regions = processor.region_token_ids
+    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
+    width = len(processor.tokenizer)
+    # 0 and 1: one object and a duplicate (IoU 0.9); 2 overlaps 0 a little (IoU 0.14); 3 apart
+    boxes = [[0, 0, 10, 10], [0, 0, 10, 9], [5, 5, 15, 15], [50, 50, 60, 60]]
+    named_0 = [ground, *cat, ground_close, objects, regions[0]]
+    suppress = GroundingConstraint(vocab, [4], suppress_overlap=0.5, boxes=[boxes])
+    assert _step(suppress, named_0, width) == {objects_close, regions[2], regions[3]}
+    assert _step(suppress, [ground, *cat, ground_close, objects], width) == {objects_close, *regions[:4]}
+    assert _step(suppress, [*named_0, objects_close, ground, *cat, ground_close, objects], width) == {
+        objects_close,
+        *regions[:4],
+    }  # a new group offers every box again
+    strict = GroundingConstraint(vocab, [4], suppress_overlap=0.1, boxes=[boxes])
+    assert _step(strict, named_0, width) == {objects_close, regions[3]}
+    plain = GroundingConstraint(vocab, [4])
+    assert _step(plain, named_0, width) == {objects_close, *regions[1:4]}
+    with pytest.raises(ValueError, match="one box list per sample"):
+        GroundingConstraint(vocab, [4], suppress_overlap=0.5)
+    with pytest.raises(ValueError, match="expected 4 boxes"):
+        GroundingConstraint(vocab, [4], suppress_overlap=0.5, boxes=[boxes[:3]])
+    with pytest.raises(ValueError, match=r"an IoU in \[0, 1\] or None, got 1.5"):
+        GroundingConstraint(vocab, [4], suppress_overlap=1.5, boxes=[boxes])
+
+
 def test_bad_region_counts_raise(processor):
     vocab = GrammarVocabulary.from_processor(processor)
     with pytest.raises(ValueError, match=r"\[0, 32\]"):

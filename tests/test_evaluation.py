@@ -522,6 +522,13 @@ def test_run_eval_loads_evaluates_and_writes(world, model, processor, tmp_path):
     assert len(report.predictions) + len(report.errors) == 3
     with pytest.raises(ValueError, match="confidence must be one of"):
         run_eval(tmp_path / "ckpt", root / "val.jsonl", out, confidence="best", progress=False)
+    from vlm_fo1.cli import main
+
+    command = ["eval", str(tmp_path / "ckpt"), str(root / "val.jsonl"), "--out", str(out), "--limit", "2"]
+    assert main([*command, "--max-new-tokens", "4", "--suppress-overlap", "0.5", "--no-progress"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["constrained"] is True and settings["suppress_overlap"] == 0.5  # implies --constrained
+    assert main([*command, "--suppress-overlap", "2", "--no-progress"]) == 2  # a one-line error
 
 
 def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(world, model, processor):
@@ -585,6 +592,45 @@ def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
         lengthened += len(second) > len(first)
     assert lengthened == len(chosen), [b.text for b in mass]
     assert report.settings["stop_by_mass"] is True
+
+
+def test_suppress_overlap_names_each_group_of_overlapping_boxes_once(world, model, processor):
+    """A model that names every box it is offered: with ``suppress_overlap`` the first group holds
+    no two boxes overlapping by more than the threshold, and every box left out overlaps one named."""
+    from vlm_fo1.boxes import box_iou
+    from vlm_fo1.prompting import tokens as T
+
+    root, records = world
+    chosen = [r for r in records if r.meta["task"] == "detection" and len(r.boxes) > 6][:4]
+    assert chosen
+    ids = processor.tokenizer.convert_tokens_to_ids
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[[ids(T.GROUND_OPEN), ids(T.GROUND_CLOSE)]] = 30.0
+    bias[processor.region_token_ids] = 20.0
+    bias[ids(T.OBJECTS_CLOSE)] = 10.0
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+    try:
+        plain = generate_answers(model, processor, chosen, root, max_new_tokens=60, constrained=True)
+        kept = generate_answers(
+            model, processor, chosen, root, max_new_tokens=60, constrained=True, suppress_overlap=0.3
+        )
+        report = evaluate(
+            model, processor, chosen, root, max_new_tokens=60, constrained=True, suppress_overlap=0.3,
+            progress=False,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    overlapping = 0
+    for record, a, b in zip(chosen, plain, kept, strict=True):
+        everything, named = ([int(i) for i in _regions(t.text.split("</objects>")[0])] for t in (a, b))
+        assert sorted(everything) == list(range(len(record.boxes)))  # without it: every box
+        iou = box_iou(record.boxes, record.boxes)
+        assert all(iou[i, j] <= 0.3 for i in named for j in named if i != j), b.text
+        left_out = set(everything) - set(named)
+        assert all(max(iou[i, j] for j in named) > 0.3 for i in left_out), b.text
+        overlapping += bool(left_out)
+    assert overlapping, "no record had overlapping boxes to suppress"
+    assert report.settings["suppress_overlap"] == 0.3
 
 
 # -- ranked retrieval -------------------------------------------------------------------------------------

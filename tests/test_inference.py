@@ -108,6 +108,21 @@ def test_results_are_in_original_pixels(predictor, wide):
         assert detection.proposal_score == pytest.approx(SCORES[detection.region_index])
 
 
+def test_suppress_overlap_leaves_out_boxes_overlapping_a_named_one(config, processor, predictor, wide):
+    from vlm_fo1.boxes import box_iou
+
+    predictor.set_image(wide, (BOXES, SCORES))
+    every = [d.region_index for d in predictor.detect("cat").detections]
+    strict = Predictor(predictor.model, processor, max_new_tokens=20, suppress_overlap=0.0)
+    seen = strict.set_image(wide, (BOXES, SCORES))
+    named = [d.region_index for d in strict.detect("cat").detections]
+    iou = box_iou(seen.boxes, seen.boxes)
+    assert named and len(named) < len(every)
+    assert all(iou[i, j] == 0 for i in named for j in named if i != j)
+    with pytest.raises(ValueError, match=r"suppress_overlap must be an IoU in \[0, 1\] or None, got -0.5"):
+        Predictor(predictor.model, processor, suppress_overlap=-0.5)
+
+
 def test_confidence_is_model_probability_times_proposal_score(predictor, wide):
     predictor.set_image(wide, (BOXES, SCORES))
     result = predictor.detect(["cat", "dog"])

@@ -267,6 +267,9 @@ def test_benchmark_report_formats_every_arm():
     assert (
         "| metric | hybrid | vit |" in mass and "| detection/mAP50 | 0.650 ± 0.071 | 0.650 ± 0.071 |" in mass
     )
+    arms[0]["val_suppress"] = {"detection/mAP50": 0.9}  # hybrid seed 0 only
+    suppressed = bench.report(results).split("`suppress_overlap=0.5`")[1]
+    assert "| metric | hybrid |\n" in suppressed and "| detection/mAP50 | 0.900 |" in suppressed
     for arm in arms:  # the default run evaluates the ablation arms under constrained decoding only
         if arm["arm"] == "vit":
             del arm["val"], arm["val_mass"]

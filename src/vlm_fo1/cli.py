@@ -339,8 +339,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         confidence=args.confidence,
-        constrained=args.constrained or args.stop_by_mass,
+        constrained=args.constrained or args.stop_by_mass or args.suppress_overlap is not None,
         stop_by_mass=args.stop_by_mass,
+        suppress_overlap=args.suppress_overlap,
         ranked=args.ranked,
         progress=not args.no_progress,
     )
@@ -414,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-by-mass",
         action="store_true",
         help="constrained, and go on naming regions while they together outweigh </objects>",
+    )
+    evaluate.add_argument(
+        "--suppress-overlap",
+        type=float,
+        default=None,
+        metavar="IOU",
+        help="constrained, and once a box is named do not offer boxes overlapping it by more IoU",
     )
     evaluate.add_argument(
         "--ranked",

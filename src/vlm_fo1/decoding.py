@@ -11,8 +11,9 @@ the answer grammar ``… <ground>LABEL</ground><objects><regionA><regionB>…</o
   ``</ground>`` once a whole label is spelled;
 - *after* ``</ground>``: ``<objects>`` only;
 - *in* ``<objects>``: ``<regionN>`` with ``N <`` this sample's box count (each at most once per
-  group), or ``</objects>``; with ``stop_by_mass``, one side only: ``</objects>`` or the regions,
-  whichever holds more probability in total (see below);
+  group), or ``</objects>``; with ``suppress_overlap``, not a box whose IoU with a box already
+  named in the group exceeds it (see below); with ``stop_by_mass``, one side only: ``</objects>``
+  or the regions, whichever holds more probability in total (see below);
 - *finished* (the sample emitted its end-of-turn token): anything (generate pads the row).
 
 Always forbidden: ``<regionfeat>``, chat control tokens other than the end-of-turn tokens, ids
@@ -29,6 +30,12 @@ says it should go on (the miniature models answer every count with 1 this way).
 allowed regions' probabilities sum to more than that of ``</objects>`` (then the most likely
 region, as before), otherwise ``</objects>``.
 
+A proposal network gives several boxes for one object (jittered duplicates that the release's
+NMS at IoU 0.8 leaves in), and an answer names each object once: the other boxes of the object
+are wrong answers that differ from the right one by a few pixels. ``suppress_overlap=t`` (not in
+the release; needs each sample's ``boxes``) applies to the answer what NMS does to detections:
+once a box is named, the boxes overlapping it by IoU > t are no longer offered in that group.
+
 When the tokenizer does not hold the four grounding tags as single tokens, the grammar part is
 switched off (with a warning) and only the region-range and placeholder rules apply.
 """
@@ -43,6 +50,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from vlm_fo1.boxes import box_iou
 from vlm_fo1.prompting import tokens as T
 
 logger = logging.getLogger(__name__)
@@ -135,6 +143,11 @@ class GroundingConstraint(LogitsProcessor):
             None: any label text.
         row_labels: per sample, its own allowed spellings (None for a sample: any label text);
             instead of ``labels``, for a batch whose samples ask about different things.
+        stop_by_mass: choose between ``</objects>`` and the regions on total probability.
+        suppress_overlap: IoU above which a box is no longer offered once a box it overlaps is
+            named in the group (module docstring); needs ``boxes``. None: off.
+        boxes: per sample, its ``(N_b, 4)`` xyxy boxes (any one coordinate frame), ``N_b`` its
+            region count.
 
     Each step reads every row's state again from its generated tokens (only the prompt length is
     kept), so beam search (rows = samples × beams) works; a call with a sequence no longer than
@@ -152,6 +165,8 @@ class GroundingConstraint(LogitsProcessor):
         labels: Sequence[Sequence[int]] | None = None,
         row_labels: Sequence[Sequence[Sequence[int]] | None] | None = None,
         stop_by_mass: bool = False,
+        suppress_overlap: float | None = None,
+        boxes: Sequence[Any] | None = None,
     ) -> None:
         counts = region_counts.tolist() if isinstance(region_counts, torch.Tensor) else list(region_counts)
         limit = len(vocabulary.region_ids)
@@ -174,6 +189,7 @@ class GroundingConstraint(LogitsProcessor):
             raise ValueError(
                 f"row_labels must have one entry per sample ({len(counts)}), got {len(row_labels)}"
             )
+        self._overlaps = _overlap_sets(counts, suppress_overlap, boxes)
         per_sample = [labels] * len(counts) if row_labels is None else list(row_labels)
         self._sample_labels = [_spellings(x) for x in per_sample]
         self._region_index = {token: i for i, token in enumerate(vocabulary.region_ids)}
@@ -244,10 +260,11 @@ class GroundingConstraint(LogitsProcessor):
         width: int,
         device: torch.device,
         labels: tuple[tuple[int, ...], ...] | None = None,
+        overlaps: list[frozenset[int]] | None = None,
     ) -> Any:
         """Bool mask ``(V,)`` of the tokens allowed next for a row in ``state`` with ``count`` boxes
         and allowed label spellings ``labels`` (None: no constraint on labels; the returned None:
-        no constraint at all).
+        no constraint at all); ``overlaps[i]``: the boxes suppressed once box i is named.
 
         ``room``: generation steps left after this one (None: no budget).
         """
@@ -280,7 +297,10 @@ class GroundingConstraint(LogitsProcessor):
             allowed[tags[2]] = True
         else:  # IN_OBJECTS
             if room is None or room >= 1:
-                allowed[self._regions(count, state.used if self.unique_regions else set())] = True
+                excluded = state.used if self.unique_regions else set()
+                if overlaps is not None:
+                    excluded = excluded.union(*(overlaps[i] for i in state.used))
+                allowed[self._regions(count, excluded)] = True
             allowed[tags[3]] = True
         return allowed
 
@@ -349,7 +369,13 @@ class GroundingConstraint(LogitsProcessor):
         for b, row in enumerate(states):
             sample = samples[b]
             allowed = self._allowed(
-                self.region_counts[sample], row, room, width, scores.device, self._sample_labels[sample]
+                self.region_counts[sample],
+                row,
+                room,
+                width,
+                scores.device,
+                self._sample_labels[sample],
+                self._overlaps[sample],
             )
             if allowed is not None:
                 if self.stop_by_mass and row.state == IN_OBJECTS and self.vocabulary.tags is not None:
@@ -381,6 +407,44 @@ def constrained_processors(
     ``max_new_tokens``, a prebuilt ``vocabulary`` …).
     """
     return LogitsProcessorList([GroundingConstraint.from_processor(processor, region_counts, **kwargs)])
+
+
+def check_suppress_overlap(value: Any) -> float | None:
+    """``value`` when it is None or an IoU in [0, 1]; ValueError otherwise."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+    ):
+        raise ValueError(f"suppress_overlap must be an IoU in [0, 1] or None, got {value!r}")
+    return value
+
+
+def _overlap_sets(
+    counts: list[int], threshold: float | None, boxes: Sequence[Any] | None
+) -> list[list[frozenset[int]] | None]:
+    """Per sample, per box: the other boxes with IoU above ``threshold`` (all None when off).
+
+    Raises:
+        ValueError: a threshold outside [0, 1], no boxes for it, or box lists that do not match
+            the region counts.
+    """
+    if check_suppress_overlap(threshold) is None:
+        return [None] * len(counts)
+    if boxes is None or len(boxes) != len(counts):
+        raise ValueError(
+            f"suppress_overlap needs one box list per sample ({len(counts)}), got "
+            f"{'none' if boxes is None else len(boxes)}"
+        )
+    result = []
+    for count, sample in zip(counts, boxes, strict=True):
+        tensor = torch.as_tensor(sample, dtype=torch.float32).reshape(-1, 4)
+        if tensor.shape[0] != count:
+            raise ValueError(
+                f"expected {count} boxes for a sample with {count} regions, got {tensor.shape[0]}"
+            )
+        close = box_iou(tensor, tensor) > threshold if count else torch.zeros(0, 0, dtype=torch.bool)
+        close.fill_diagonal_(False)
+        result.append([frozenset(row.nonzero().flatten().tolist()) for row in close])
+    return result
 
 
 def _spellings(labels: Sequence[Sequence[int]] | None) -> tuple[tuple[int, ...], ...] | None:

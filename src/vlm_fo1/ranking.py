@@ -161,7 +161,7 @@ def rank_queries(model: Any, processor: Any, queries: Sequence[RankQuery]) -> li
     width = max(n + len(prefix) for n, (_, _, prefix) in zip(lengths, rows, strict=True))
     inputs = dict(batch)
     for key, value in batch.items():  # every per-token tensor: re-padded with the prefix appended
-        if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == length):
+        if key in ENCODER_INPUTS or not (torch.is_tensor(value) and value.shape == (len(rows), length)):
             continue
         pad = tokenizer.pad_token_id if key == "input_ids" else 0
         grown = value.new_full((value.shape[0], width), pad)

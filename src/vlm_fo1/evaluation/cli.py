@@ -34,6 +34,7 @@ def run_eval(
     confidence: str = "product",
     constrained: bool = False,
     stop_by_mass: bool = False,
+    suppress_overlap: float | None = None,
     ranked: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -46,7 +47,8 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / constrained / stop_by_mass / ranked / batch_size / max_new_tokens / progress: see :func:`evaluate`.
+        confidence / constrained / stop_by_mass / suppress_overlap / ranked / batch_size /
+            max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
@@ -75,6 +77,7 @@ def run_eval(
         confidence=confidence,
         constrained=constrained,
         stop_by_mass=stop_by_mass,
+        suppress_overlap=suppress_overlap,
         ranked=ranked,
         progress=progress,
     )

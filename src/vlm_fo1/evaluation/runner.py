@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from vlm_fo1.data.records import ConversationRecord
-from vlm_fo1.decoding import GroundingConstraint
+from vlm_fo1.decoding import GroundingConstraint, check_suppress_overlap
 from vlm_fo1.evaluation.confidence import check_mode, region_token_probabilities
 from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
 from vlm_fo1.evaluation.report import EvalReport
@@ -83,13 +83,15 @@ def generate_answers(
     max_new_tokens: int,
     constrained: bool = False,
     stop_by_mass: bool = False,
+    suppress_overlap: float | None = None,
 ) -> list[GeneratedAnswer]:
     """One batch: encode, generate greedily with logits, decode; raises on any failure.
 
     ``constrained``: decode region-format records under :class:`GroundingConstraint` (only this
     image's regions, well-formed segments, each record's labels from :func:`query_labels`), as
     the ``Predictor`` does; ``stop_by_mass``: the constraint's choice between another region and
-    ``</objects>`` on total probabilities (see ``vlm_fo1.decoding``).
+    ``</objects>`` on total probabilities; ``suppress_overlap``: once a box is named, boxes
+    overlapping it by more IoU are not offered in that group (see ``vlm_fo1.decoding``).
     """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
@@ -106,6 +108,8 @@ def generate_answers(
             row_labels=[query_labels(r) for r in records],
             max_new_tokens=max_new_tokens,
             stop_by_mass=stop_by_mass,
+            suppress_overlap=suppress_overlap,
+            boxes=[sample.boxes for sample in samples],
         )
         processors = LogitsProcessorList([constraint])
     with torch.no_grad():
@@ -225,6 +229,7 @@ def evaluate(
     confidence: str = "product",
     constrained: bool = False,
     stop_by_mass: bool = False,
+    suppress_overlap: float | None = None,
     ranked: bool = False,
     progress: bool = True,
 ) -> EvalReport:
@@ -242,16 +247,21 @@ def evaluate(
             :func:`generate_answers`); False: the raw model.
         stop_by_mass: under the constraint, go on naming regions while they hold more probability
             together than ``</objects>`` (``vlm_fo1.decoding``; not in the release).
+        suppress_overlap: under the constraint, once a box is named, do not offer the boxes that
+            overlap it by more than this IoU in the same group (``vlm_fo1.decoding``; not in the
+            release; None: off).
         ranked: also rank every region of each (multi-)detection record for each asked label
             (:func:`vlm_fo1.ranking.rank_queries`, ``batch_size`` records at a time) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
         progress: show a progress bar.
 
     Raises:
-        ValueError: for an unknown ``confidence``, non-positive sizes, or records that describe
-            their regions in words (``region_texts``: no boxes to score).
+        ValueError: for an unknown ``confidence``, a ``suppress_overlap`` outside [0, 1],
+            non-positive sizes, or records that describe their regions in words
+            (``region_texts``: no boxes to score).
     """
     check_mode(confidence)
+    check_suppress_overlap(suppress_overlap)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     records = list(records)
@@ -275,6 +285,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             constrained=constrained,
             stop_by_mass=stop_by_mass,
+            suppress_overlap=suppress_overlap,
         )
         for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
             _run_batch(generate, records, indexes, answers, errors)
@@ -292,6 +303,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         constrained=constrained,
         stop_by_mass=stop_by_mass,
+        suppress_overlap=suppress_overlap,
         ranked=ranked,
         seconds=round(time.perf_counter() - start, 3),
     )

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from vlm_fo1.decoding import GrammarVocabulary, GroundingConstraint
+from vlm_fo1.decoding import GrammarVocabulary, GroundingConstraint, check_suppress_overlap
 from vlm_fo1.evaluation.confidence import check_mode, detection_confidence, region_token_probabilities
 from vlm_fo1.images import load_image
 from vlm_fo1.inference.inputs import (
@@ -90,6 +90,9 @@ class Predictor:
         constrained: decode under the grounding grammar (only existing regions, well-formed tags).
         stop_by_mass: under the grammar, go on naming regions while they together hold more
             probability than ``</objects>`` (``vlm_fo1.decoding``; not in the release).
+        suppress_overlap: under the grammar, once a box is named, the boxes overlapping it by more
+            than this IoU are not offered in the same answer group (``vlm_fo1.decoding``; not in
+            the release; None: off).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class Predictor:
         confidence: str = "product",
         constrained: bool = True,
         stop_by_mass: bool = False,
+        suppress_overlap: float | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -116,6 +120,7 @@ class Predictor:
         self.max_new_tokens = max_new_tokens
         self.constrained = constrained
         self.stop_by_mass = stop_by_mass
+        self.suppress_overlap = check_suppress_overlap(suppress_overlap)
         self.vocabulary = GrammarVocabulary.from_processor(processor)
         self._state: ImageState | None = None
 
@@ -263,6 +268,8 @@ class Predictor:
                 free_region_mentions=task in _FREE_MENTION_TASKS,
                 max_new_tokens=self.max_new_tokens,
                 stop_by_mass=self.stop_by_mass,
+                suppress_overlap=self.suppress_overlap,
+                boxes=[sample.boxes for sample in batch.samples],
             )
             processors = LogitsProcessorList([constraint])
         inputs = {k: v for k, v in batch.items() if not (encodings and k in ENCODER_INPUTS)}

@@ -565,18 +565,20 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     constrained: bool = False,
     stop_by_mass: bool = False,
+    suppress_overlap: float | None = None,
     ranked: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of a checkpoint on a record file (first ``limit`` records; ``constrained``: decode
-    as the Predictor does); the report is written to ``out`` (default: next to the checkpoint)."""
+    as the Predictor does; ``stop_by_mass`` / ``suppress_overlap``: the decoder's options, not in
+    the release); the report is written to ``out`` (default: next to the checkpoint)."""
     from vlm_fo1.evaluation.cli import run_eval
 
     name = (
         f"eval_{Path(records).parent.name}_{Path(records).stem}"
         f"{'_constrained' if constrained else ''}{'_mass' if stop_by_mass else ''}"
-        f"{'_ranked' if ranked else ''}.json"
+        f"{'' if suppress_overlap is None else f'_suppress{suppress_overlap:g}'}{'_ranked' if ranked else ''}.json"
     )
     target = Path(out) if out is not None else Path(model_dir) / name
     report = run_eval(
@@ -588,6 +590,7 @@ def evaluate_checkpoint(
         device="cpu",
         constrained=constrained,
         stop_by_mass=stop_by_mass,
+        suppress_overlap=suppress_overlap,
         ranked=ranked,
         progress=progress,
     )
