@@ -4,6 +4,7 @@ baseline, the runner on a tiny random model, the oracle, and the CLI hook."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import math
@@ -557,24 +558,34 @@ def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(wor
         assert set(labels) <= set(query_labels(record)) and answer.text == single.text
 
 
+@contextlib.contextmanager
+def _grounding_bias(model, processor, close: float):
+    """The model's logits biased to open a segment at once (grounding tags +30), then to weigh
+    each region at +20 against ``</objects>`` at ``close``."""
+    from vlm_fo1.prompting import tokens as T
+
+    ids = processor.tokenizer.convert_tokens_to_ids
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[[ids(T.GROUND_OPEN), ids(T.GROUND_CLOSE)]] = 30.0
+    bias[processor.region_token_ids] = 20.0
+    bias[ids(T.OBJECTS_CLOSE)] = close
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
     """Where greedy closes, the totals may go on; they never close earlier, and a region they add
     is the one greedy ranks first, so each greedy list is a prefix of the stop-by-mass list (the
     first group of each answer is compared: what follows it starts from different prefixes)."""
-    from vlm_fo1.prompting import tokens as T
-
     root, records = world
     chosen = [r for r in records if r.meta["task"] in ("detection", "counting") and len(r.boxes) > 6][:6]
     assert chosen
     # A model that opens a segment at once and then prefers </objects> to any single region, but
     # not to six of them together (e^1.5 < 6): greedy names nothing, the totals go on.
-    ids = processor.tokenizer.convert_tokens_to_ids
-    bias = torch.zeros(model.config.text_config.vocab_size)
-    bias[[ids(T.GROUND_OPEN), ids(T.GROUND_CLOSE)]] = 30.0
-    bias[processor.region_token_ids] = 20.0
-    bias[ids(T.OBJECTS_CLOSE)] = 21.5
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
-    try:
+    with _grounding_bias(model, processor, close=21.5):
         plain = generate_answers(model, processor, chosen, root, max_new_tokens=40, constrained=True)
         mass = generate_answers(
             model, processor, chosen, root, max_new_tokens=40, constrained=True, stop_by_mass=True
@@ -583,8 +594,6 @@ def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
             model, processor, chosen, root, max_new_tokens=40, constrained=True, stop_by_mass=True,
             progress=False,
         )  # fmt: skip
-    finally:
-        hook.remove()
     lengthened = 0
     for a, b in zip(plain, mass, strict=True):
         first, second = (_regions(t.split("</objects>")[0]) for t in (a.text, b.text))
@@ -598,18 +607,11 @@ def test_suppress_overlap_names_each_group_of_overlapping_boxes_once(world, mode
     """A model that names every box it is offered: with ``suppress_overlap`` the first group holds
     no two boxes overlapping by more than the threshold, and every box left out overlaps one named."""
     from vlm_fo1.boxes import box_iou
-    from vlm_fo1.prompting import tokens as T
 
     root, records = world
     chosen = [r for r in records if r.meta["task"] == "detection" and len(r.boxes) > 6][:4]
     assert chosen
-    ids = processor.tokenizer.convert_tokens_to_ids
-    bias = torch.zeros(model.config.text_config.vocab_size)
-    bias[[ids(T.GROUND_OPEN), ids(T.GROUND_CLOSE)]] = 30.0
-    bias[processor.region_token_ids] = 20.0
-    bias[ids(T.OBJECTS_CLOSE)] = 10.0
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
-    try:
+    with _grounding_bias(model, processor, close=10.0):
         plain = generate_answers(model, processor, chosen, root, max_new_tokens=60, constrained=True)
         kept = generate_answers(
             model, processor, chosen, root, max_new_tokens=60, constrained=True, suppress_overlap=0.3
@@ -618,8 +620,6 @@ def test_suppress_overlap_names_each_group_of_overlapping_boxes_once(world, mode
             model, processor, chosen, root, max_new_tokens=60, constrained=True, suppress_overlap=0.3,
             progress=False,
         )  # fmt: skip
-    finally:
-        hook.remove()
     overlapping = 0
     for record, a, b in zip(chosen, plain, kept, strict=True):
         everything, named = ([int(i) for i in _regions(t.text.split("</objects>")[0])] for t in (a, b))

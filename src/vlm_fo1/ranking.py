@@ -45,6 +45,14 @@ def _label_ids(tokenizer: Any, label: str) -> list[int]:
     return ids
 
 
+def _check_query(labels: Sequence[str], boxes: int) -> None:
+    """ValueError for labels given as one string or a query without candidate boxes."""
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a sequence of strings, got the string {labels!r}")
+    if boxes == 0:
+        raise ValueError("ranking needs at least one candidate box, got none")
+
+
 def rank_batch(
     model: Any, processor: Any, batch: Any, labels: Sequence[str], **encodings: Any
 ) -> dict[str, list[float]]:
@@ -64,13 +72,10 @@ def rank_batch(
         ValueError: a batch of more than one sample or without regions, a label that is empty or
             spells a special token.
     """
-    if isinstance(labels, str):
-        raise ValueError(f"labels must be a sequence of strings, got the string {labels!r}")
     if batch["input_ids"].shape[0] != 1:
         raise ValueError(f"ranking takes one sample, got a batch of {batch['input_ids'].shape[0]}")
     count = int(batch["region_counts"][0]) if "region_counts" in batch else 0
-    if count == 0:
-        raise ValueError("ranking needs at least one candidate box, got none")
+    _check_query(labels, count)
     tokenizer = processor.tokenizer
     label_ids = {label: _label_ids(tokenizer, label) for label in labels}
     device = batch["input_ids"].device
@@ -142,10 +147,7 @@ def rank_queries(model: Any, processor: Any, queries: Sequence[RankQuery]) -> li
     tail = tokenizer.encode(GROUND_CLOSE + OBJECTS_OPEN, add_special_tokens=False)
     rows = []  # (query index, label, answer prefix ids)
     for i, query in enumerate(queries):
-        if isinstance(query.labels, str):
-            raise ValueError(f"labels must be a sequence of strings, got the string {query.labels!r}")
-        if not len(query.boxes):
-            raise ValueError("ranking needs at least one candidate box, got none")
+        _check_query(query.labels, len(query.boxes))
         rows += [(i, label, head + _label_ids(tokenizer, label) + tail) for label in query.labels]
     out: list[dict[str, list[float]]] = [{} for _ in queries]
     if not rows:

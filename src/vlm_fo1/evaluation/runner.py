@@ -135,24 +135,29 @@ def generate_answers(
 
 
 def _run_batch(
-    generate: Callable[[list[ConversationRecord]], list[GeneratedAnswer]],
+    run: Callable[[list[int]], list[GeneratedAnswer]],
     records: Sequence[ConversationRecord],
     indexes: list[int],
     answers: list[GeneratedAnswer | None],
     errors: list[dict[str, Any]],
+    stage: str = "generation",
 ) -> None:
-    """Generate for ``indexes`` (``generate``: :func:`generate_answers` with its settings bound);
-    when the batch fails, retry its records one by one to isolate the bad ones."""
+    """Set ``answers[i]`` for ``indexes`` from ``run(indexes)`` (generation, or ranking on top of
+    the answers); when the batch fails, retry its records one by one to isolate the bad ones. A
+    record that fails alone is reported in ``errors`` (with ``stage``) and its answer dropped."""
     try:
-        results = generate([records[i] for i in indexes])
+        results = run(indexes)
     except Exception as err:  # one bad record must not end the run: it is reported instead
         if len(indexes) > 1:
-            logger.info("a batch of %d failed (%r); retrying its records one by one", len(indexes), err)
+            logger.info(
+                "a %s batch of %d failed (%r); retrying its records one by one", stage, len(indexes), err
+            )
             for i in indexes:
-                _run_batch(generate, records, [i], answers, errors)
+                _run_batch(run, records, [i], answers, errors, stage)
             return
-        logger.warning("record %r failed: %r", records[indexes[0]].id, err)
-        errors.append(error_entry(records[indexes[0]], "generation", err))
+        logger.warning("record %r failed (%s): %r", records[indexes[0]].id, stage, err)
+        errors.append(error_entry(records[indexes[0]], stage, err))
+        answers[indexes[0]] = None
         return
     for i, result in zip(indexes, results, strict=True):
         answers[i] = result
@@ -182,40 +187,18 @@ def _rank_detections(
         and query_labels(record)
     ]
 
-    def query(i: int) -> RankQuery:
-        record = records[i]
-        return RankQuery(
-            record.prompt_messages(), record.image_path(image_root), record.boxes, query_labels(record)
-        )
-
-    def attach(indexes: list[int]) -> None:
-        for i, scores in zip(
-            indexes, rank_queries(model, processor, [query(i) for i in indexes]), strict=True
-        ):
-            answers[i] = dataclasses.replace(answers[i], ranked=scores)
+    def rank(indexes: list[int]) -> list[GeneratedAnswer]:
+        queries = [
+            RankQuery(records[i].prompt_messages(), records[i].image_path(image_root), records[i].boxes,
+                      query_labels(records[i]))
+            for i in indexes
+        ]  # fmt: skip
+        scores = rank_queries(model, processor, queries)
+        return [dataclasses.replace(answers[i], ranked=s) for i, s in zip(indexes, scores, strict=True)]
 
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
     for indexes in tqdm(batches, desc="rank", disable=not progress):
-        try:
-            attach(indexes)
-            continue
-        except Exception as err:  # isolated below, record by record
-            if len(indexes) == 1:
-                failed = [(indexes[0], err)]
-            else:
-                logger.info(
-                    "a ranking batch of %d failed (%r); ranking its records one by one", len(indexes), err
-                )
-                failed = []
-                for i in indexes:
-                    try:
-                        attach([i])
-                    except Exception as one:  # one bad record must not end the run: it is reported
-                        failed.append((i, one))
-        for i, err in failed:
-            logger.warning("record %r failed to rank: %r", records[i].id, err)
-            errors.append(error_entry(records[i], "ranking", err))
-            answers[i] = None
+        _run_batch(rank, records, indexes, answers, errors, "ranking")
 
 
 def evaluate(
@@ -288,7 +271,7 @@ def evaluate(
             suppress_overlap=suppress_overlap,
         )
         for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
-            _run_batch(generate, records, indexes, answers, errors)
+            _run_batch(lambda idx: generate([records[i] for i in idx]), records, indexes, answers, errors)
         if ranked:
             _rank_detections(model, processor, records, image_root, answers, errors, batch_size, progress)
     finally:
