@@ -284,10 +284,12 @@ def test_batched_encoder_equals_one_image_at_a_time():
         use_position_embedding=True,
         region_layer_norm=False,
     ).eval()
-    levels = [torch.randn(3, 4, 16, 16), torch.randn(3, 8, 8, 8)]
-    vits = [torch.randn(8, 4, 6), torch.randn(8, 6, 4), torch.randn(8, 4, 4)]
-    frames = [(84, 56), (56, 84), (56, 56)]
-    boxes = [BOXES[:2] / 2, BOXES[:0], BOXES[1:] / 2]  # the middle image has no boxes
+    levels = [torch.randn(5, 4, 16, 16), torch.randn(5, 8, 8, 8)]
+    # Maps of one size (images 0, 2 and 4) go through the pyramid together, the others apart.
+    vits = [torch.randn(8, 4, 6), torch.randn(8, 6, 4), torch.randn(8, 4, 6), torch.randn(8, 4, 4)]
+    vits.append(torch.randn(8, 4, 6))
+    frames = [(84, 56), (56, 84), (84, 56), (56, 56), (84, 56)]
+    boxes = [BOXES[:2] / 2, BOXES[:0], BOXES[1:] / 2, BOXES[:3] / 2, BOXES[2:] / 2]  # image 1: no boxes
     with torch.no_grad():
         batched = encoder(
             vit_features=vits,
@@ -307,10 +309,10 @@ def test_batched_encoder_equals_one_image_at_a_time():
                     aux_levels=[lv[i : i + 1] for lv in levels],
                     aux_boxes=[boxes[i]],
                 )
-                for i in range(3)
+                for i in range(5)
             ]
         )
-    assert batched.shape == (5, 12 + 16)
+    assert batched.shape == (2 + 3 + 3 + 2, 12 + 16)
     torch.testing.assert_close(batched, single)
 
 

@@ -247,17 +247,42 @@ class HybridRegionEncoder(nn.Module):
         out = self._pool(list(levels), boxes, self.aux_strides[0], tuple(levels[0].shape[-2:]))
         return self.aux_region_norm(out) if self.aux_region_norm is not None else out
 
-    def vit_branch(self, features: torch.Tensor, stride: float, boxes: torch.Tensor) -> torch.Tensor:
-        """``features (C, H, W)`` at ``stride``; ``boxes (N, 4)`` ViT-input pixels → ``(N, vit_dim)``."""
-        if self.simple_fpn is None:
-            out = self._pool(features, boxes, stride)
-        else:
-            dtype = next(self.simple_fpn.parameters()).dtype
-            levels = self.simple_fpn(features[None].to(dtype))
-            out = torch.cat(
-                [self._pool(lv[0], boxes, stride / f) for lv, f in zip(levels, LEVEL_FACTORS, strict=True)],
-                dim=1,
-            )
+    def vit_branch(
+        self, features: Sequence[torch.Tensor], stride: float, boxes: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """ViT features of every box of a batch: ``(ΣN, vit_dim)``, images in order.
+
+        Args:
+            features: one ``(C, H_b, W_b)`` map per image at ``stride`` (sizes may differ).
+            boxes: one ``(N_b, 4)`` tensor of ViT-input-pixel boxes per image (may be empty).
+
+        Images whose maps have the same size go through the feature pyramid as one batch (the
+        same numbers as one image at a time, within float tolerance); images without boxes skip it.
+        """
+        pooled: list[torch.Tensor | None] = [None] * len(boxes)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (f, b) in enumerate(zip(features, boxes, strict=True)):
+            if len(b):
+                groups.setdefault(tuple(f.shape), []).append(i)
+            else:
+                pooled[i] = b.new_zeros(0, self.vit_dim, dtype=torch.float32)
+        for members in groups.values():
+            group_boxes = [boxes[i] for i in members]
+            if self.simple_fpn is None:
+                out = self._pool(torch.stack([features[i] for i in members]), group_boxes, stride)
+            else:
+                dtype = next(self.simple_fpn.parameters()).dtype
+                levels = self.simple_fpn(torch.stack([features[i] for i in members]).to(dtype))
+                out = torch.cat(
+                    [
+                        self._pool(lv, group_boxes, stride / f)
+                        for lv, f in zip(levels, LEVEL_FACTORS, strict=True)
+                    ],
+                    dim=1,
+                )
+            for i, part in zip(members, out.split([len(b) for b in group_boxes]), strict=True):
+                pooled[i] = part
+        out = torch.cat(pooled) if pooled else torch.zeros(0, self.vit_dim)
         return self.vt_region_norm(out) if self.vt_region_norm is not None else out
 
     def forward(
@@ -288,11 +313,7 @@ class HybridRegionEncoder(nn.Module):
         if self.vit_dim:
             if vit_features is None:
                 raise ValueError("this region encoder uses ViT features, but none were given")
-            pooled = [
-                self.vit_branch(f, vit_stride, b) if len(b) else b.new_zeros(0, self.vit_dim)
-                for f, b in zip(vit_features, vit_boxes, strict=True)
-            ]
-            parts.append(torch.cat(pooled))
+            parts.append(self.vit_branch(vit_features, vit_stride, vit_boxes))
         regions = torch.cat(parts, dim=1).float()
         if self.use_position_embedding:
             embedding = [
