@@ -219,6 +219,46 @@ def test_stop_by_mass_goes_on_when_the_regions_together_outweigh_the_close(proce
     assert allowed(logits, stop_by_mass=True) == {objects_close}
 
 
+def test_close_bias_shifts_only_the_close_logit_inside_objects(processor):
+    vocab = GrammarVocabulary.from_processor(processor)
+    ground, ground_close, objects, objects_close = vocab.tags
+    regions = processor.region_token_ids
+    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
+    width = len(processor.tokenizer)
+    start = torch.zeros(1, 3, dtype=torch.long)
+
+    def step(prefix, scores, **kwargs):
+        constraint = GroundingConstraint(vocab, [3], **kwargs)
+        constraint(start, torch.zeros(1, width))  # a new generation
+        return constraint(torch.cat([start, torch.tensor([prefix])], dim=1), scores[None])[0]
+
+    # In <objects>: region 1 at probability 0.5 beats </objects> at 0.3 by log(5/3) = 0.51.
+    logits = torch.full((width,), -30.0)
+    logits[objects_close] = torch.tensor(0.3).log()
+    logits[regions[1]] = torch.tensor(0.5).log()
+    in_objects = [ground, *cat, ground_close, objects]
+    plain = step(in_objects, logits)
+    assert int(plain.argmax()) == regions[1]
+    biased = step(in_objects, logits, close_bias=1.0)
+    assert int(biased.argmax()) == objects_close  # 0.3 * e > 0.5: greedy now closes
+    torch.testing.assert_close(biased[objects_close], plain[objects_close] + 1.0)
+    keep = torch.isfinite(plain) & (torch.arange(width) != objects_close)
+    assert torch.equal(biased[keep], plain[keep])  # every other allowed logit as it was
+    assert int(step(in_objects, logits, close_bias=0.4).argmax()) == regions[1]  # under the margin
+    # Outside <objects> (here: the label of <ground>) nothing moves.
+    in_ground = [ground, *cat]
+    torch.testing.assert_close(step(in_ground, logits, close_bias=3.0), step(in_ground, logits))
+    # With stop_by_mass the biased close enters the totals: regions 0.1 + 0.5 = 0.6 > 0.3 goes on,
+    # 0.6 < 0.3 e = 0.82 closes.
+    logits[regions[0]] = torch.tensor(0.1).log()
+    assert torch.isfinite(step(in_objects, logits, stop_by_mass=True)[regions[0]])
+    mass = step(in_objects, logits, stop_by_mass=True, close_bias=1.0)
+    assert set(torch.isfinite(mass).nonzero().flatten().tolist()) == {objects_close}
+    for bad in (float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="close_bias must be a finite number"):
+            GroundingConstraint(vocab, [3], close_bias=bad)
+
+
 def test_suppress_overlap_drops_the_boxes_of_an_object_already_named(processor):
     vocab = GrammarVocabulary.from_processor(processor)
     ground, ground_close, objects, objects_close = vocab.tags

@@ -530,6 +530,10 @@ def test_run_eval_loads_evaluates_and_writes(world, model, processor, tmp_path):
     settings = json.loads(out.read_text())["settings"]
     assert settings["constrained"] is True and settings["suppress_overlap"] == 0.5  # implies --constrained
     assert main([*command, "--suppress-overlap", "2", "--no-progress"]) == 2  # a one-line error
+    assert main([*command, "--max-new-tokens", "4", "--close-bias", "1.5", "--no-progress"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["constrained"] is True and settings["close_bias"] == 1.5  # implies --constrained
+    assert main([*command, "--close-bias", "nan", "--no-progress"]) == 2
 
 
 def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(world, model, processor):
@@ -631,6 +635,30 @@ def test_suppress_overlap_names_each_group_of_overlapping_boxes_once(world, mode
         overlapping += bool(left_out)
     assert overlapping, "no record had overlapping boxes to suppress"
     assert report.settings["suppress_overlap"] == 0.3
+
+
+def test_close_bias_trades_regions_for_closing(world, model, processor):
+    """A model that names every region before closing (regions +20, ``</objects>`` +17): with
+    ``close_bias=6`` the close (+23) wins at once, every group is empty, and the detection
+    scorer sees no false positive."""
+    root, records = world
+    chosen = [r for r in records if r.meta["task"] == "detection" and r.boxes][:4]
+    assert chosen
+    with _grounding_bias(model, processor, close=17.0):
+        plain = generate_answers(model, processor, chosen, root, max_new_tokens=40, constrained=True)
+        biased = generate_answers(
+            model, processor, chosen, root, max_new_tokens=40, constrained=True, close_bias=6.0
+        )
+        report = evaluate(
+            model, processor, chosen, root, max_new_tokens=40, constrained=True, close_bias=6.0,
+            progress=False,
+        )  # fmt: skip
+    assert all(_regions(a.text.split("</objects>")[0]) for a in plain), [a.text for a in plain]
+    assert all(not _regions(b.text) for b in biased), [b.text for b in biased]
+    assert report.settings["close_bias"] == 6.0
+    assert report.metrics.get("detection/fp_rate", 0.0) == 0.0
+    with pytest.raises(ValueError, match="close_bias must be a finite number"):
+        evaluate(model, processor, chosen, root, close_bias=float("nan"), progress=False)
 
 
 # -- ranked retrieval -------------------------------------------------------------------------------------

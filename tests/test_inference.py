@@ -108,6 +108,19 @@ def test_results_are_in_original_pixels(predictor, wide):
         assert detection.proposal_score == pytest.approx(SCORES[detection.region_index])
 
 
+def test_close_bias_names_fewer_regions(processor, predictor, wide):
+    predictor.set_image(wide, (BOXES, SCORES))
+    every = [d.region_index for d in predictor.detect("cat").detections]
+    sure = Predictor(predictor.model, processor, max_new_tokens=20, close_bias=1e4)
+    sure.set_image(wide, (BOXES, SCORES))
+    assert every and not sure.detect("cat").detections  # the close always wins
+    eager = Predictor(predictor.model, processor, max_new_tokens=20, close_bias=-1e4)
+    eager.set_image(wide, (BOXES, SCORES))
+    assert len(eager.detect("cat").detections) == len(BOXES) >= len(every)  # it never closes early
+    with pytest.raises(ValueError, match="close_bias must be a finite number"):
+        Predictor(predictor.model, processor, close_bias=float("inf"))
+
+
 def test_suppress_overlap_leaves_out_boxes_overlapping_a_named_one(config, processor, predictor, wide):
     from vlm_fo1.boxes import box_iou
 

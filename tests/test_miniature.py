@@ -267,9 +267,14 @@ def test_benchmark_report_formats_every_arm():
     assert (
         "| metric | hybrid | vit |" in mass and "| detection/mAP50 | 0.650 ± 0.071 | 0.650 ± 0.071 |" in mass
     )
+    assert "`close_bias=" not in bench.report(results)  # results from before the option
     arms[0]["val_suppress"] = {"detection/mAP50": 0.9}  # hybrid seed 0 only
     suppressed = bench.report(results).split("`suppress_overlap=0.5`")[1]
     assert "| metric | hybrid |\n" in suppressed and "| detection/mAP50 | 0.900 |" in suppressed
+    arms[0]["val_close"] = {"detection/fp_rate": 0.1}
+    arms[1]["val_both"] = {"counting/accuracy": 0.8}
+    closed, both = bench.report(results).split("`close_bias=1` (")[1].split("with both")
+    assert "| detection/fp_rate | 0.100 |" in closed and "| counting/accuracy | 0.800 |" in both
     for arm in arms:  # the default run evaluates the ablation arms under constrained decoding only
         if arm["arm"] == "vit":
             del arm["val"], arm["val_mass"]

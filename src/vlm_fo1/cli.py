@@ -339,9 +339,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         confidence=args.confidence,
-        constrained=args.constrained or args.stop_by_mass or args.suppress_overlap is not None,
+        constrained=args.constrained
+        or args.stop_by_mass
+        or args.suppress_overlap is not None
+        or args.close_bias is not None,
         stop_by_mass=args.stop_by_mass,
         suppress_overlap=args.suppress_overlap,
+        close_bias=args.close_bias or 0.0,
         ranked=args.ranked,
         progress=not args.no_progress,
     )
@@ -422,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="IOU",
         help="constrained, and once a box is named do not offer boxes overlapping it by more IoU",
+    )
+    evaluate.add_argument(
+        "--close-bias",
+        type=float,
+        default=None,
+        metavar="LOGIT",
+        help="constrained, and add LOGIT to </objects> inside <objects> (> 0: fewer, surer regions)",
     )
     evaluate.add_argument(
         "--ranked",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from vlm_fo1.data.records import read_records
+from vlm_fo1.decoding import check_close_bias, check_suppress_overlap
 from vlm_fo1.evaluation.confidence import check_mode
 from vlm_fo1.evaluation.report import EvalReport
 from vlm_fo1.evaluation.runner import evaluate
@@ -35,6 +36,7 @@ def run_eval(
     constrained: bool = False,
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
+    close_bias: float = 0.0,
     ranked: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -47,17 +49,20 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / constrained / stop_by_mass / suppress_overlap / ranked / batch_size /
-            max_new_tokens / progress: see :func:`evaluate`.
+        confidence / constrained / stop_by_mass / suppress_overlap / close_bias / ranked /
+            batch_size / max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
-        ValueError: for an unknown ``confidence``, a negative ``limit`` or a file that is not a record file.
+        ValueError: for an unknown ``confidence``, a bad decoder option, a negative ``limit`` or a
+            file that is not a record file.
     """
     from vlm_fo1.model import FO1ForConditionalGeneration
     from vlm_fo1.processing import FO1Processor
 
     check_mode(confidence)
+    check_suppress_overlap(suppress_overlap)
+    check_close_bias(close_bias)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     data_path = Path(data_path)
@@ -78,6 +83,7 @@ def run_eval(
         constrained=constrained,
         stop_by_mass=stop_by_mass,
         suppress_overlap=suppress_overlap,
+        close_bias=close_bias,
         ranked=ranked,
         progress=progress,
     )

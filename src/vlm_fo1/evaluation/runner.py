@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from vlm_fo1.data.records import ConversationRecord
-from vlm_fo1.decoding import GroundingConstraint, check_suppress_overlap
+from vlm_fo1.decoding import GroundingConstraint, check_close_bias, check_suppress_overlap
 from vlm_fo1.evaluation.confidence import check_mode, region_token_probabilities
 from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
 from vlm_fo1.evaluation.report import EvalReport
@@ -84,6 +84,7 @@ def generate_answers(
     constrained: bool = False,
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
+    close_bias: float = 0.0,
 ) -> list[GeneratedAnswer]:
     """One batch: encode, generate greedily with logits, decode; raises on any failure.
 
@@ -91,7 +92,8 @@ def generate_answers(
     image's regions, well-formed segments, each record's labels from :func:`query_labels`), as
     the ``Predictor`` does; ``stop_by_mass``: the constraint's choice between another region and
     ``</objects>`` on total probabilities; ``suppress_overlap``: once a box is named, boxes
-    overlapping it by more IoU are not offered in that group (see ``vlm_fo1.decoding``).
+    overlapping it by more IoU are not offered in that group; ``close_bias``: added to the logit
+    of ``</objects>`` inside ``<objects>`` (see ``vlm_fo1.decoding``).
     """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
@@ -109,6 +111,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             stop_by_mass=stop_by_mass,
             suppress_overlap=suppress_overlap,
+            close_bias=close_bias,
             boxes=[sample.boxes for sample in samples],
         )
         processors = LogitsProcessorList([constraint])
@@ -213,6 +216,7 @@ def evaluate(
     constrained: bool = False,
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
+    close_bias: float = 0.0,
     ranked: bool = False,
     progress: bool = True,
 ) -> EvalReport:
@@ -233,18 +237,22 @@ def evaluate(
         suppress_overlap: under the constraint, once a box is named, do not offer the boxes that
             overlap it by more than this IoU in the same group (``vlm_fo1.decoding``; not in the
             release; None: off).
+        close_bias: under the constraint, added to the logit of ``</objects>`` inside
+            ``<objects>`` (``vlm_fo1.decoding``; not in the release; 0: off; > 0: fewer regions).
         ranked: also rank every region of each (multi-)detection record for each asked label
             (:func:`vlm_fo1.ranking.rank_queries`, ``batch_size`` records at a time) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
         progress: show a progress bar.
 
     Raises:
-        ValueError: for an unknown ``confidence``, a ``suppress_overlap`` outside [0, 1],
+        ValueError: for an unknown ``confidence``, a ``suppress_overlap`` outside [0, 1], a
+            ``close_bias`` that is not a finite number,
             non-positive sizes, or records that describe their regions in words
             (``region_texts``: no boxes to score).
     """
     check_mode(confidence)
     check_suppress_overlap(suppress_overlap)
+    check_close_bias(close_bias)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     records = list(records)
@@ -269,6 +277,7 @@ def evaluate(
             constrained=constrained,
             stop_by_mass=stop_by_mass,
             suppress_overlap=suppress_overlap,
+            close_bias=close_bias,
         )
         for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
             _run_batch(lambda idx: generate([records[i] for i in idx]), records, indexes, answers, errors)
@@ -287,6 +296,7 @@ def evaluate(
         constrained=constrained,
         stop_by_mass=stop_by_mass,
         suppress_overlap=suppress_overlap,
+        close_bias=close_bias,
         ranked=ranked,
         seconds=round(time.perf_counter() - start, 3),
     )
