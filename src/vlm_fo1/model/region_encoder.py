@@ -259,20 +259,18 @@ class HybridRegionEncoder(nn.Module):
         Images whose maps have the same size go through the feature pyramid as one batch (the
         same numbers as one image at a time, within float tolerance); images without boxes skip it.
         """
-        pooled: list[torch.Tensor | None] = [None] * len(boxes)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (f, b) in enumerate(zip(features, boxes, strict=True)):
             if len(b):
                 groups.setdefault(tuple(f.shape), []).append(i)
-            else:
-                pooled[i] = b.new_zeros(0, self.vit_dim, dtype=torch.float32)
+        pooled: dict[int, torch.Tensor] = {}
         for members in groups.values():
+            maps = torch.stack([features[i] for i in members])  # (G, C, H, W)
             group_boxes = [boxes[i] for i in members]
             if self.simple_fpn is None:
-                out = self._pool(torch.stack([features[i] for i in members]), group_boxes, stride)
+                out = self._pool(maps, group_boxes, stride)
             else:
-                dtype = next(self.simple_fpn.parameters()).dtype
-                levels = self.simple_fpn(torch.stack([features[i] for i in members]).to(dtype))
+                levels = self.simple_fpn(maps.to(next(self.simple_fpn.parameters()).dtype))
                 out = torch.cat(
                     [
                         self._pool(lv, group_boxes, stride / f)
@@ -280,9 +278,12 @@ class HybridRegionEncoder(nn.Module):
                     ],
                     dim=1,
                 )
-            for i, part in zip(members, out.split([len(b) for b in group_boxes]), strict=True):
-                pooled[i] = part
-        out = torch.cat(pooled) if pooled else torch.zeros(0, self.vit_dim)
+            pooled.update(zip(members, out.split([len(b) for b in group_boxes]), strict=True))
+        if pooled:
+            out = torch.cat([pooled[i] for i in sorted(pooled)])
+        else:
+            device = features[0].device if len(features) else None
+            out = torch.zeros(0, self.vit_dim, device=device)
         return self.vt_region_norm(out) if self.vt_region_norm is not None else out
 
     def forward(
