@@ -166,6 +166,21 @@ def _step(constraint, prefix, width):
     return set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
 
 
+def _scores_after(constraint, prefix, scores):
+    """The constraint's output ``(V,)`` for ``scores`` ``(V,)`` after the generated ``prefix`` (a
+    fresh generation of one sample)."""
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    constraint(prompt, torch.zeros_like(scores)[None])  # first step: resets the state
+    return constraint(torch.cat([prompt, torch.tensor([prefix])], dim=1), scores[None])[0]
+
+
+def _grammar(processor):
+    """``(vocabulary, its four tags, region ids, the ids of "cat", vocabulary width)``."""
+    vocab = GrammarVocabulary.from_processor(processor)
+    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
+    return vocab, vocab.tags, processor.region_token_ids, cat, len(processor.tokenizer)
+
+
 def test_state_machine_step_by_step(processor):
     vocab = GrammarVocabulary.from_processor(processor)
     ground, ground_close, objects, objects_close = vocab.tags
@@ -189,18 +204,12 @@ def test_state_machine_step_by_step(processor):
 
 
 def test_stop_by_mass_goes_on_when_the_regions_together_outweigh_the_close(processor):
-    vocab = GrammarVocabulary.from_processor(processor)
-    ground, ground_close, objects, objects_close = vocab.tags
-    regions = processor.region_token_ids
-    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
+    vocab, (ground, ground_close, objects, objects_close), regions, cat, width = _grammar(processor)
     prefix = [ground, *cat, ground_close, objects, regions[2]]
-    width = len(processor.tokenizer)
 
     def allowed(scores, **kwargs):
-        constraint = GroundingConstraint(vocab, [6], **kwargs)
-        constraint(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, width))  # a new generation
-        ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.tensor([prefix])], dim=1)
-        return set(torch.isfinite(constraint(ids, scores[None])[0]).nonzero().flatten().tolist())
+        out = _scores_after(GroundingConstraint(vocab, [6], **kwargs), prefix, scores)
+        return set(torch.isfinite(out).nonzero().flatten().tolist())
 
     # </objects> has probability 0.3, each of the five unused regions 0.14 (0.7 together):
     # greedy would close, the totals say go on.
@@ -220,17 +229,10 @@ def test_stop_by_mass_goes_on_when_the_regions_together_outweigh_the_close(proce
 
 
 def test_close_bias_shifts_only_the_close_logit_inside_objects(processor):
-    vocab = GrammarVocabulary.from_processor(processor)
-    ground, ground_close, objects, objects_close = vocab.tags
-    regions = processor.region_token_ids
-    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
-    width = len(processor.tokenizer)
-    start = torch.zeros(1, 3, dtype=torch.long)
+    vocab, (ground, ground_close, objects, objects_close), regions, cat, width = _grammar(processor)
 
     def step(prefix, scores, **kwargs):
-        constraint = GroundingConstraint(vocab, [3], **kwargs)
-        constraint(start, torch.zeros(1, width))  # a new generation
-        return constraint(torch.cat([start, torch.tensor([prefix])], dim=1), scores[None])[0]
+        return _scores_after(GroundingConstraint(vocab, [3], **kwargs), prefix, scores)
 
     # In <objects>: region 1 at probability 0.5 beats </objects> at 0.3 by log(5/3) = 0.51.
     logits = torch.full((width,), -30.0)
@@ -260,11 +262,7 @@ def test_close_bias_shifts_only_the_close_logit_inside_objects(processor):
 
 
 def test_suppress_overlap_drops_the_boxes_of_an_object_already_named(processor):
-    vocab = GrammarVocabulary.from_processor(processor)
-    ground, ground_close, objects, objects_close = vocab.tags
-    regions = processor.region_token_ids
-    cat = processor.tokenizer.encode("cat", add_special_tokens=False)
-    width = len(processor.tokenizer)
+    vocab, (ground, ground_close, objects, objects_close), regions, cat, width = _grammar(processor)
     # 0 and 1: one object and a duplicate (IoU 0.9); 2 overlaps 0 a little (IoU 0.14); 3 apart
     boxes = [[0, 0, 10, 10], [0, 0, 10, 9], [5, 5, 15, 15], [50, 50, 60, 60]]
     named_0 = [ground, *cat, ground_close, objects, regions[0]]

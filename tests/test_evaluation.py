@@ -580,6 +580,23 @@ def _grounding_bias(model, processor, close: float):
         hook.remove()
 
 
+def _decode_with(model, processor, records, root, *, close, max_new_tokens, **option):
+    """Under ``_grounding_bias(close=...)``: the constrained answers without and with the decoder
+    ``option``, and the evaluation report with it."""
+    with _grounding_bias(model, processor, close=close):
+        plain = generate_answers(
+            model, processor, records, root, max_new_tokens=max_new_tokens, constrained=True
+        )
+        changed = generate_answers(
+            model, processor, records, root, max_new_tokens=max_new_tokens, constrained=True, **option
+        )
+        report = evaluate(
+            model, processor, records, root, max_new_tokens=max_new_tokens, constrained=True,
+            progress=False, **option,
+        )  # fmt: skip
+    return plain, changed, report
+
+
 def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
     """Where greedy closes, the totals may go on; they never close earlier, and a region they add
     is the one greedy ranks first, so each greedy list is a prefix of the stop-by-mass list (the
@@ -589,15 +606,9 @@ def test_stop_by_mass_only_lengthens_region_lists(world, model, processor):
     assert chosen
     # A model that opens a segment at once and then prefers </objects> to any single region, but
     # not to six of them together (e^1.5 < 6): greedy names nothing, the totals go on.
-    with _grounding_bias(model, processor, close=21.5):
-        plain = generate_answers(model, processor, chosen, root, max_new_tokens=40, constrained=True)
-        mass = generate_answers(
-            model, processor, chosen, root, max_new_tokens=40, constrained=True, stop_by_mass=True
-        )
-        report = evaluate(
-            model, processor, chosen, root, max_new_tokens=40, constrained=True, stop_by_mass=True,
-            progress=False,
-        )  # fmt: skip
+    plain, mass, report = _decode_with(
+        model, processor, chosen, root, close=21.5, max_new_tokens=40, stop_by_mass=True
+    )
     lengthened = 0
     for a, b in zip(plain, mass, strict=True):
         first, second = (_regions(t.split("</objects>")[0]) for t in (a.text, b.text))
@@ -615,15 +626,9 @@ def test_suppress_overlap_names_each_group_of_overlapping_boxes_once(world, mode
     root, records = world
     chosen = [r for r in records if r.meta["task"] == "detection" and len(r.boxes) > 6][:4]
     assert chosen
-    with _grounding_bias(model, processor, close=10.0):
-        plain = generate_answers(model, processor, chosen, root, max_new_tokens=60, constrained=True)
-        kept = generate_answers(
-            model, processor, chosen, root, max_new_tokens=60, constrained=True, suppress_overlap=0.3
-        )
-        report = evaluate(
-            model, processor, chosen, root, max_new_tokens=60, constrained=True, suppress_overlap=0.3,
-            progress=False,
-        )  # fmt: skip
+    plain, kept, report = _decode_with(
+        model, processor, chosen, root, close=10.0, max_new_tokens=60, suppress_overlap=0.3
+    )
     overlapping = 0
     for record, a, b in zip(chosen, plain, kept, strict=True):
         everything, named = ([int(i) for i in _regions(t.text.split("</objects>")[0])] for t in (a, b))
@@ -644,15 +649,9 @@ def test_close_bias_trades_regions_for_closing(world, model, processor):
     root, records = world
     chosen = [r for r in records if r.meta["task"] == "detection" and r.boxes][:4]
     assert chosen
-    with _grounding_bias(model, processor, close=17.0):
-        plain = generate_answers(model, processor, chosen, root, max_new_tokens=40, constrained=True)
-        biased = generate_answers(
-            model, processor, chosen, root, max_new_tokens=40, constrained=True, close_bias=6.0
-        )
-        report = evaluate(
-            model, processor, chosen, root, max_new_tokens=40, constrained=True, close_bias=6.0,
-            progress=False,
-        )  # fmt: skip
+    plain, biased, report = _decode_with(
+        model, processor, chosen, root, close=17.0, max_new_tokens=40, close_bias=6.0
+    )
     assert all(_regions(a.text.split("</objects>")[0]) for a in plain), [a.text for a in plain]
     assert all(not _regions(b.text) for b in biased), [b.text for b in biased]
     assert report.settings["close_bias"] == 6.0

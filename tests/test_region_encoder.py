@@ -286,8 +286,7 @@ def test_batched_encoder_equals_one_image_at_a_time():
     ).eval()
     levels = [torch.randn(5, 4, 16, 16), torch.randn(5, 8, 8, 8)]
     # Maps of one size (images 0, 2 and 4) go through the pyramid together, the others apart.
-    vits = [torch.randn(8, 4, 6), torch.randn(8, 6, 4), torch.randn(8, 4, 6), torch.randn(8, 4, 4)]
-    vits.append(torch.randn(8, 4, 6))
+    vits = [torch.randn(8, *hw) for hw in ((4, 6), (6, 4), (4, 6), (4, 4), (4, 6))]
     frames = [(84, 56), (56, 84), (84, 56), (56, 56), (84, 56)]
     boxes = [BOXES[:2] / 2, BOXES[:0], BOXES[1:] / 2, BOXES[:3] / 2, BOXES[2:] / 2]  # image 1: no boxes
     with torch.no_grad():
