@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import itertools
 import json
 import math
 import random
@@ -43,7 +44,7 @@ from vlm_fo1.evaluation import (
     to_coordinate_record,
 )
 from vlm_fo1.evaluation.cli import run_eval
-from vlm_fo1.evaluation.runner import picked_counts, query_labels
+from vlm_fo1.evaluation.runner import merge_answers, per_class_records, picked_counts, query_labels
 from vlm_fo1.prompting import IM_END
 from vlm_fo1.prompting import templates as P
 from vlm_fo1.synthetic import TASK_NAMES, ProposalConfig, generate_dataset
@@ -534,6 +535,9 @@ def test_run_eval_loads_evaluates_and_writes(world, model, processor, tmp_path):
     settings = json.loads(out.read_text())["settings"]
     assert settings["constrained"] is True and settings["close_bias"] == 1.5  # implies --constrained
     assert main([*command, "--close-bias", "nan", "--no-progress"]) == 2
+    assert main([*command, "--max-new-tokens", "4", "--constrained", "--per-class", "--no-progress"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["per_class"] is True and settings["constrained"] is True
 
 
 def test_constrained_evaluation_names_only_asked_labels_and_existing_regions(world, model, processor):
@@ -658,6 +662,67 @@ def test_close_bias_trades_regions_for_closing(world, model, processor):
     assert report.metrics.get("detection/fp_rate", 0.0) == 0.0
     with pytest.raises(ValueError, match="close_bias must be a finite number"):
         evaluate(model, processor, chosen, root, close_bias=float("nan"), progress=False)
+
+
+def test_per_class_records_ask_each_class_of_a_multi_class_question_alone(world):
+    _, records = world
+    multi = [r for r in records if r.meta["task"] == "multi_detection" and r.boxes][:3]
+    others = [r for r in records if r.meta["task"] in ("detection", "counting", "region_ocr")][:3]
+    assert multi and others and all(len(r.meta["classes"]) > 1 for r in multi)
+    asked, owners = per_class_records(multi + others)
+    assert [len(own) for own in owners] == [len(r.meta["classes"]) for r in multi] + [1] * len(others)
+    assert sorted(j for own in owners for j in own) == list(range(len(asked)))
+    for record, own in zip(multi, owners, strict=False):
+        for label, j in zip(record.meta["classes"], own, strict=True):
+            single = asked[j]
+            assert single.messages == [{"role": "user", "content": P.detect(label).content()}]
+            assert single.meta["classes"] == [label] and single.task == "detection"
+            assert (single.image, single.boxes, single.scores, single.id) == (
+                record.image,
+                record.boxes,
+                record.scores,
+                record.id,
+            )
+            assert single.meta["gt_boxes"] == record.meta["gt_boxes"]  # scored against the record's truth
+    assert [asked[own[0]] for own in owners[len(multi) :]] == others  # the rest as they were
+
+
+def test_merge_answers_joins_in_class_order_and_fails_with_any_part():
+    first = GeneratedAnswer(
+        "<ground>a</ground><objects><region1></objects>", None, [RegionTokenProb(4, 1, 0.5)]
+    )
+    second = GeneratedAnswer("<ground>b</ground><objects></objects>", None, None)
+    third = GeneratedAnswer(
+        "<ground>c</ground><objects><region0></objects>", None, [RegionTokenProb(4, 0, 0.25)]
+    )
+    merged = merge_answers([first, second, third])
+    assert merged.text == first.text + second.text + third.text
+    assert [p.region_index for p in merged.region_probs] == [1, 0]
+    assert detection_probabilities(merged.text, merged.region_probs) == {("a", 1): 0.5, ("c", 0): 0.25}
+    assert merge_answers([first]) is first and merge_answers([first, None]) is None
+
+
+def test_per_class_evaluation_joins_the_single_class_answers(world, model, processor):
+    """Each class of a multi-class record is answered as its own single-class question would be
+    (the model opens segments at once and names regions before closing), and the record's answer
+    is those answers in class order."""
+    root, records = world
+    multi = [r for r in records if r.meta["task"] == "multi_detection" and r.boxes][:3]
+    assert multi
+    asked, owners = per_class_records(multi)
+    with _grounding_bias(model, processor, close=19.0):
+        alone = generate_answers(model, processor, asked, root, max_new_tokens=48, constrained=True)
+        report = evaluate(
+            model, processor, multi, root, max_new_tokens=48, constrained=True, per_class=True, progress=False
+        )
+        joint = evaluate(model, processor, multi, root, max_new_tokens=48, constrained=True, progress=False)
+    assert report.settings["per_class"] is True and not report.errors
+    for record, prediction, own in zip(multi, report.predictions, owners, strict=True):
+        assert prediction["id"] == record.id
+        assert prediction["text"] == "".join(alone[j].text for j in own)
+        labels = re.findall(r"<ground>(.*?)</ground>", prediction["text"])  # the bias re-opens segments
+        assert [label for label, _ in itertools.groupby(labels)] == record.meta["classes"]
+    assert [p["text"] for p in joint.predictions] != [p["text"] for p in report.predictions]
 
 
 # -- ranked retrieval -------------------------------------------------------------------------------------

@@ -121,6 +121,25 @@ def test_close_bias_names_fewer_regions(processor, predictor, wide):
         Predictor(predictor.model, processor, close_bias=float("inf"))
 
 
+def test_detect_per_class_joins_single_class_answers_from_the_cached_image(predictor, wide):
+    predictor.set_image(wide, (BOXES, SCORES))
+    model = predictor.model
+    with (
+        mock.patch.object(model, "encode_images", wraps=model.encode_images) as images,
+        mock.patch.object(model, "encode_regions", wraps=model.encode_regions) as regions,
+    ):
+        joint = predictor.detect(["cat", "dog"], per_class=True)
+    assert (images.call_count, regions.call_count) == (0, 0)  # both questions reused the cache
+    cat, dog = predictor.detect("cat"), predictor.detect("dog")
+    assert joint.task == "detection" and joint.text == cat.text + dog.text
+    summary = [(d.label, d.region_index, d.score, d.model_probability) for d in joint.detections]
+    assert summary == [
+        (d.label, d.region_index, d.score, d.model_probability) for d in (*cat.detections, *dog.detections)
+    ]
+    assert {d.label for d in joint.detections} == {"cat", "dog"}
+    assert predictor.detect("cat", per_class=True).text == cat.text  # one class: the plain question
+
+
 def test_suppress_overlap_leaves_out_boxes_overlapping_a_named_one(config, processor, predictor, wide):
     from vlm_fo1.boxes import box_iou
 

@@ -275,6 +275,10 @@ def test_benchmark_report_formats_every_arm():
     arms[1]["val_both"] = {"counting/accuracy": 0.8}
     closed, both = bench.report(results).split("`close_bias=1` (")[1].split("with both")
     assert "| detection/fp_rate | 0.100 |" in closed and "| counting/accuracy | 0.800 |" in both
+    assert "(`per_class`)" not in text
+    arms[2]["val_per_class"] = {"detection/mAP50": 0.75}  # vit seed 0 only
+    per_class = bench.report(results).split("(`per_class`)")[1].split("`close_bias=1` (")[0]
+    assert "| metric | vit |\n" in per_class and "| detection/mAP50 | 0.750 |" in per_class
     for arm in arms:  # the default run evaluates the ablation arms under constrained decoding only
         if arm["arm"] == "vit":
             del arm["val"], arm["val_mass"]
@@ -282,6 +286,9 @@ def test_benchmark_report_formats_every_arm():
     assert "| metric | hybrid | coords |" in raw
     assert "| metric | hybrid | vit | coords |" in rest
     assert "| metric | hybrid |\n" in rest.split("`stop_by_mass`")[1]
+    for arm in arms:  # the default run has no stop_by_mass decoding (only with --all-decodings)
+        arm.pop("val_mass", None)
+    assert "`stop_by_mass`" not in bench.report(results)
 
 
 def test_shipped_yaml_configs_shuffle_regions_and_freeze_like_the_recipe():

@@ -347,6 +347,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         suppress_overlap=args.suppress_overlap,
         close_bias=args.close_bias or 0.0,
         ranked=args.ranked,
+        per_class=args.per_class,
         progress=not args.no_progress,
     )
     print(report.table())
@@ -438,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ranked",
         action="store_true",
         help="also rank every region of each detection query by the model (detection/mAP@ranked)",
+    )
+    evaluate.add_argument(
+        "--per-class",
+        action="store_true",
+        help="ask each class of a multi-class detection question on its own and join the answers",
     )
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)

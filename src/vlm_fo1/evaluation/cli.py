@@ -38,6 +38,7 @@ def run_eval(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     ranked: bool = False,
+    per_class: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -49,7 +50,7 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / constrained / stop_by_mass / suppress_overlap / close_bias / ranked /
+        confidence / constrained / stop_by_mass / suppress_overlap / close_bias / ranked / per_class /
             batch_size / max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
@@ -85,6 +86,7 @@ def run_eval(
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
         ranked=ranked,
+        per_class=per_class,
         progress=progress,
     )
     report.settings.update(model=str(model_dir), data=str(data_path), device=str(target))

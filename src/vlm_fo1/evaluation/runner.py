@@ -38,6 +38,7 @@ from vlm_fo1.evaluation.scoring import (
     score_records,
     task_of,
 )
+from vlm_fo1.prompting import templates as P
 from vlm_fo1.ranking import RankQuery, rank_queries
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,55 @@ def query_labels(record: ConversationRecord) -> tuple[str, ...] | None:
     if task == "referring" and meta.get("expression"):
         return (meta["expression"],)
     return None
+
+
+def per_class_records(
+    records: Sequence[ConversationRecord],
+) -> tuple[list[ConversationRecord], list[list[int]]]:
+    """The records with every multi-class detection question split into one question per class.
+
+    A region-format detection record whose prompt asks for several classes (:func:`query_labels`)
+    becomes one record per class, asked with the release's single-class detection template
+    (``OD_template``: ``Please detect LABEL in this image. …``) about the same image and boxes, its
+    ``meta["classes"]`` that one class; every other record is kept as it is. Returns the new list
+    and, for each input record, the indexes of its records in it (in class order), so that
+    :func:`merge_answers` can put each record's answers back together.
+    """
+    expanded: list[ConversationRecord] = []
+    owners: list[list[int]] = []
+    for record in records:
+        labels = query_labels(record)
+        if (
+            is_coordinate_record(record)
+            or task_of(record) not in ("detection", "multi_detection")
+            or not labels
+            or len(labels) < 2
+        ):
+            owners.append([len(expanded)])
+            expanded.append(record)
+            continue
+        owners.append(list(range(len(expanded), len(expanded) + len(labels))))
+        for label in labels:
+            messages = [{"role": "user", "content": P.detect(label).content()}]
+            expanded.append(
+                dataclasses.replace(
+                    record, messages=messages, task="detection", meta={**record.meta, "classes": [label]}
+                )
+            )
+    return expanded, owners
+
+
+def merge_answers(parts: Sequence[GeneratedAnswer | None]) -> GeneratedAnswer | None:
+    """One answer from the answers to a record's per-class questions (:func:`per_class_records`):
+    their texts joined in class order (one ``<ground>…</objects>`` segment per class) and their
+    emitted region tokens in the same order; None when any part is missing (it failed)."""
+    if any(part is None for part in parts):
+        return None
+    done = [part for part in parts if part is not None]
+    if len(done) == 1:
+        return done[0]
+    probs = [p for part in done for p in (part.region_probs or ())]
+    return dataclasses.replace(done[0], text="".join(part.text for part in done), region_probs=probs)
 
 
 def _plan_batches(records: Sequence[ConversationRecord], batch_size: int) -> list[list[int]]:
@@ -218,6 +268,7 @@ def evaluate(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     ranked: bool = False,
+    per_class: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Generate an answer for every record and score them all.
@@ -242,6 +293,10 @@ def evaluate(
         ranked: also rank every region of each (multi-)detection record for each asked label
             (:func:`vlm_fo1.ranking.rank_queries`, ``batch_size`` records at a time) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
+        per_class: ask each class of a multi-class detection record on its own, with the
+            single-class detection prompt, and score the joined answers as the record's answer
+            (:func:`per_class_records`; not in the release, which asks every class at once).
+            Ranking is unchanged (it already scores one class at a time).
         progress: show a progress bar.
 
     Raises:
@@ -262,7 +317,6 @@ def evaluate(
             f"expected records with an image and boxes, got {len(described)} with regions described "
             f"in words (region_texts), e.g. {described[0]!r}"
         )
-    answers: list[GeneratedAnswer | None] = [None] * len(records)
     errors: list[dict[str, Any]] = []
     start = time.perf_counter()
     was_training = getattr(model, "training", False)
@@ -279,8 +333,13 @@ def evaluate(
             suppress_overlap=suppress_overlap,
             close_bias=close_bias,
         )
-        for indexes in tqdm(_plan_batches(records, batch_size), desc="evaluate", disable=not progress):
-            _run_batch(lambda idx: generate([records[i] for i in idx]), records, indexes, answers, errors)
+        asked, owners = (
+            per_class_records(records) if per_class else (records, [[i] for i in range(len(records))])
+        )
+        replies: list[GeneratedAnswer | None] = [None] * len(asked)
+        for indexes in tqdm(_plan_batches(asked, batch_size), desc="evaluate", disable=not progress):
+            _run_batch(lambda idx: generate([asked[i] for i in idx]), asked, indexes, replies, errors)
+        answers = [merge_answers([replies[j] for j in own]) for own in owners]
         if ranked:
             _rank_detections(model, processor, records, image_root, answers, errors, batch_size, progress)
     finally:
@@ -298,6 +357,7 @@ def evaluate(
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
         ranked=ranked,
+        per_class=per_class,
         seconds=round(time.perf_counter() - start, 3),
     )
     logger.info("evaluated %d records (%d errors)", len(done), len(errors))

@@ -319,24 +319,41 @@ class Predictor:
         )
         return AnswerResult(**common, reasoning=parsed.reasoning, mentioned_regions=mentioned)
 
-    def _answer(self, prompt: Prompt, labels: Sequence[str] | None = None) -> Prediction:
+    def _generate_one(self, prompt: Prompt, labels: Sequence[str] | None = None) -> tuple[str, Any]:
+        """The answer text to one prompt about the current image, and its emitted region tokens."""
         state = self.image_state
         batch = self.processor(prompt, images=state.prepared, boxes=state.proposals.boxes).to(self.device)
         texts, probs = self._generate(
             batch, prompt.task, labels, image_encoding=state.image_encoding, region_tokens=state.region_tokens
         )
-        return self._result(prompt.task, texts[0], probs[0], state.proposals, state.prepared.original_size)
+        return texts[0], probs[0]
+
+    def _answer(self, prompt: Prompt, labels: Sequence[str] | None = None) -> Prediction:
+        state = self.image_state
+        text, probs = self._generate_one(prompt, labels)
+        return self._result(prompt.task, text, probs, state.proposals, state.prepared.original_size)
 
     # -- questions ---------------------------------------------------------------------------------------
-    def detect(self, labels: str | Sequence[str]) -> DetectionResult:
+    def detect(self, labels: str | Sequence[str], *, per_class: bool = False) -> DetectionResult:
         """Detect one or more classes (a list, or one string; ``"cat, dog"`` is split on commas).
 
         Under the constraint, the model may only write these labels in ``<ground>`` tags.
+        ``per_class`` (not in the release, which asks every class at once): ask each class on its
+        own with the single-class prompt and join the answers in class order (``text`` holds one
+        segment per class); the image is encoded once, each class costs one generation. A model
+        that has to pick which of several asked classes are present may skip present ones; asked
+        one at a time it decides about each (docs/training.md).
         """
-        if len(self.image_state.proposals) == 0:
+        state = self.image_state
+        if len(state.proposals) == 0:
             logger.warning("detect() on an image without proposals: nothing can be found")
         names = split_labels(labels)
-        return self._answer(P.detect(names), names)  # type: ignore[return-value]
+        if not per_class or len(names) < 2:
+            return self._answer(P.detect(names), names)  # type: ignore[return-value]
+        parts = [self._generate_one(P.detect(name), [name]) for name in names]
+        text = "".join(part_text for part_text, _ in parts)
+        probs = [p for _, part_probs in parts for p in (part_probs or ())]
+        return self._result(Task.DETECTION, text, probs, state.proposals, state.prepared.original_size)  # type: ignore[return-value]
 
     def rank(self, labels: str | Sequence[str], top: int | None = None) -> DetectionResult:
         """Every proposal scored for each label, best first (``vlm_fo1.ranking``); ``top`` keeps

@@ -570,19 +570,21 @@ def evaluate_checkpoint(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     ranked: bool = False,
+    per_class: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of a checkpoint on a record file (first ``limit`` records; ``constrained``: decode
     as the Predictor does; ``stop_by_mass`` / ``suppress_overlap`` / ``close_bias``: the decoder's
-    options, not in the release); the report is written to ``out`` (default: next to the checkpoint)."""
+    options, not in the release; ``per_class``: multi-class detection asked one class at a time, not
+    in the release); the report is written to ``out`` (default: next to the checkpoint)."""
     from vlm_fo1.evaluation.cli import run_eval
 
     name = (
         f"eval_{Path(records).parent.name}_{Path(records).stem}"
         f"{'_constrained' if constrained else ''}{'_mass' if stop_by_mass else ''}"
         f"{'' if suppress_overlap is None else f'_suppress{suppress_overlap:g}'}"
-        f"{f'_close{close_bias:g}' if close_bias else ''}{'_ranked' if ranked else ''}.json"
+        f"{f'_close{close_bias:g}' if close_bias else ''}{'_ranked' if ranked else ''}{'_per_class' if per_class else ''}.json"
     )
     target = Path(out) if out is not None else Path(model_dir) / name
     report = run_eval(
@@ -597,6 +599,7 @@ def evaluate_checkpoint(
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
         ranked=ranked,
+        per_class=per_class,
         progress=progress,
     )
     return dict(report.metrics)
