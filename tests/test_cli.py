@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,6 +80,18 @@ def test_detect_ranked_lists_the_best_proposals(workspace):
     assert {(d["label"], d["region_index"]) for d in result["detections"]} <= {
         (label, i) for label in ("cat", "dog") for i in range(3)
     }
+
+
+def test_detect_per_class_answers_one_segment_per_label(workspace):
+    image = workspace / "images" / "a.png"
+    done = run_cli("detect", image, "--labels", "cat, dog", *model_args(workspace), "--json", "--per-class")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    labels = re.findall(r"<ground>(.*?)</ground>", result["text"])
+    assert result["task"] == "detection" and labels and set(labels) <= {"cat", "dog"}
+    assert labels == sorted(labels, key=["cat", "dog"].index)  # the cat question's answer comes first
+    done = run_cli("count", image, "cat", *model_args(workspace), "--per-class")
+    assert done.returncode == 2 and "unrecognized arguments" in done.stderr  # detect only
 
 
 def test_count_prints_a_human_summary(workspace):

@@ -172,6 +172,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         detailed=getattr(args, "detailed", False),
         save=args.save,
         ranked=getattr(args, "ranked", None),
+        per_class=getattr(args, "per_class", False),
     )
     if args.json:
         print(json.dumps({"image": args.image, **result.to_dict()}, ensure_ascii=False))
@@ -242,6 +243,11 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         default=None,
         help="list the K best proposals by the model's ranking (one forward pass per label) instead of generating",
+    )
+    detect.add_argument(
+        "--per-class",
+        action="store_true",
+        help="ask for each label on its own and join the answers (one generation per label)",
     )
     ground = sub.add_parser("ground", parents=parents, help="find what a referring expression points at")
     ground.add_argument("image")

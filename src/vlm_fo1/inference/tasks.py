@@ -111,13 +111,17 @@ def answer_query(
     detailed: bool = False,
     save: str | Path | None = None,
     ranked: int | None = None,
+    per_class: bool = False,
 ) -> Prediction:
     """Set ``image`` and ask one question (``task`` in :data:`TASKS`; ``query``: labels, expression,
     label, box or question); draw the detections to ``save`` when given. ``ranked`` (detect
     only): the ``ranked`` best proposals by the model's ranking (:meth:`Predictor.rank`) instead
-    of generating."""
+    of generating; ``per_class`` (detect only): each label asked on its own
+    (:meth:`Predictor.detect`)."""
     if ranked is not None and task != "detect":
         raise ValueError(f"ranked applies to the detect task, got {task!r}")
+    if per_class and task != "detect":
+        raise ValueError(f"per_class applies to the detect task, got {task!r}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     box = parse_box(query) if task in ("describe", "ocr") else None
@@ -129,7 +133,11 @@ def answer_query(
         proposals = [box]
     predictor.set_image(image, proposals, labels=labels)  # a path: the key of per-image box files
     ask = {
-        "detect": lambda: predictor.detect(query) if ranked is None else predictor.rank(query, top=ranked),
+        "detect": lambda: (
+            predictor.detect(query, per_class=per_class)
+            if ranked is None
+            else predictor.rank(query, top=ranked)
+        ),
         "ground": lambda: predictor.ground(query),
         "count": lambda: predictor.count(query),
         "describe": lambda: predictor.describe(box, detailed=detailed),
@@ -154,6 +162,7 @@ def run_query(
     detailed: bool = False,
     save: Any = None,
     ranked: int | None = None,
+    per_class: bool = False,
 ) -> Prediction:
     """Load the predictor of ``settings`` and answer one question (see :func:`answer_query`).
 
@@ -167,7 +176,14 @@ def run_query(
         parse_box(query)  # a bad box fails before anything is loaded
     detector = not (box_only and settings.proposer is None and settings.boxes is None)
     return answer_query(
-        settings.load(with_proposer=detector), task, image, query, detailed=detailed, save=save, ranked=ranked
+        settings.load(with_proposer=detector),
+        task,
+        image,
+        query,
+        detailed=detailed,
+        save=save,
+        ranked=ranked,
+        per_class=per_class,
     )
 
 
