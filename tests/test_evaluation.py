@@ -397,6 +397,17 @@ def _assert_perfect(metrics):
         assert value == pytest.approx(expected), name
 
 
+def test_counting_reads_the_written_number_and_reports_the_grounded_regions_apart(world):
+    _, records = world
+    counted = [r for r in records if r.meta["task"] == "counting" and r.meta["count"] > 0][:2]
+    assert len(counted) == 2
+    wrong_number = re.sub(r"\d+$", str(counted[0].meta["count"] + 1), counted[0].target())
+    no_regions = re.sub(r"<region\d+>", "", counted[1].target())  # right number, nothing grounded
+    metrics = score_records(counted, [GeneratedAnswer(wrong_number), GeneratedAnswer(no_regions)]).metrics
+    assert metrics["counting/accuracy"] == 0.5 and metrics["counting/accuracy_regions"] == 0.5
+    assert metrics["counting/mae"] == 0.5
+
+
 def test_oracle_answers_score_perfectly(world):
     _, records = world
     report = score_records(records, [GeneratedAnswer(r.target()) for r in records])

@@ -259,13 +259,16 @@ class DetectionScorer(Scorer):
 
 
 class CountingScorer(Scorer):
-    """Counting accuracy (release rule), mean absolute error and false-positive rate."""
+    """Counting accuracy (release rule: the number written), mean absolute error, false-positive
+    rate, and ``accuracy_regions``: the share of answers that ground as many distinct regions as
+    there are objects (the count the ``Predictor`` falls back to; not the release's rule)."""
 
     def __init__(self, prefix: str) -> None:
         super().__init__(prefix)
         self.predicted: list[int | None] = []
         self.truth: list[int] = []
         self.negatives: list[int] = []
+        self.by_regions: list[bool] = []
 
     def add(self, item: ReadAnswer) -> bool:
         truth = int(item.meta["count"] if "count" in item.meta else item.meta["answer"])
@@ -273,8 +276,10 @@ class CountingScorer(Scorer):
         correct = (predicted or 0) == truth
         self.predicted.append(predicted)
         self.truth.append(truth)
+        named = item.regions_named()
         if truth == 0:
-            self.negatives.append(item.regions_named())
+            self.negatives.append(named)
+        self.by_regions.append(named == truth)
         self.correct.append(correct)
         return correct
 
@@ -284,6 +289,7 @@ class CountingScorer(Scorer):
             self.name("n"): len(self.truth),
             self.name("accuracy"): counting_accuracy(self.predicted, self.truth),
             self.name("mae"): sum(errors) / len(errors),
+            self.name("accuracy_regions"): sum(self.by_regions) / len(self.by_regions),
             self.name("fp_rate"): false_positive_rate(self.negatives),
             self.name("n_negative"): len(self.negatives),
         }
