@@ -124,9 +124,6 @@ class Recipe:
     perception_match_lr_scale: float = 30.0
     """Learning-rate multiplier of the match's own parameters in region perception pretraining
     (hybrid seed 0, full-world constrained mAP@0.5 0.503 at 1, 0.587 at 10, 0.596 at 30)."""
-    perception_aux_frozen: tuple[str, ...] = ()
-    """Auxiliary-encoder parameter prefixes kept fixed in region perception (e.g. ``("stem",
-    "stages_0")``: the DaViT's full-resolution stage, as dense pretraining left it)."""
     stage1_steps: int = 150
     freeze_aux: bool = True
     """Keep the auxiliary encoder as region perception left it through stages 1 and 2 (the paper
@@ -444,8 +441,7 @@ def perceive(
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
         align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
-        match_lr_scale=recipe.perception_match_lr_scale,
-        aux_frozen=recipe.perception_aux_frozen if model.aux_encoder is not None else (), progress=progress,
+        match_lr_scale=recipe.perception_match_lr_scale, progress=progress,
     )  # fmt: skip
     logger.info("region perception pretraining: %s", result.to_json())
     out = Path(out)

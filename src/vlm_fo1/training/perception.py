@@ -27,7 +27,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,7 +324,6 @@ def pretrain_region_perception(
     align_weight: float = 0.0,
     match_weight: float = 0.0,
     match_lr_scale: float = 1.0,
-    aux_frozen: Sequence[str] = (),
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -350,9 +349,6 @@ def pretrain_region_perception(
             parallel (cosine up to 0.9 in the miniature's base), so at the base rate the match
             lags the linear heads (held-out match accuracy after 200 steps: 0.68 at 1x, 0.81 at 10x,
             0.90 at 30x, the miniature recipe's).
-        aux_frozen: name prefixes of auxiliary-encoder parameters that stay as they are (e.g.
-            ``("stem", "stages_0")`` for a DaViT's first, full-resolution stage, whose backward pass
-            is the largest part of a step); their gradients are not computed at all.
 
     Raises:
         ValueError: for non-positive sizes or a file without usable scenes, or a non-positive
@@ -376,16 +372,7 @@ def pretrain_region_perception(
     if align_weight > 0 or match is not None:
         trainable += [*model.connector.parameters()]
     if model.aux_encoder is not None:
-        named = dict(model.aux_encoder.named_parameters())
-        unknown = [p for p in aux_frozen if not any(n.startswith(p) for n in named)]
-        if unknown:
-            raise ValueError(
-                f"aux_frozen prefixes must name auxiliary-encoder parameters, got {unknown} "
-                f"(parameters start with {sorted({n.split('.')[0] for n in named})})"
-            )
-        trainable += [p for n, p in named.items() if not n.startswith(tuple(aux_frozen))]
-    elif aux_frozen:
-        raise ValueError(f"aux_frozen={list(aux_frozen)} given, but the model has no auxiliary encoder")
+        trainable += [*model.aux_encoder.parameters()]
     groups = [{"params": [*trainable, *heads.parameters()], "lr": lr}]
     if match is not None:
         matching = [*model.region_match.parameters(), match.none]
