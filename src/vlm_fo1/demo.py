@@ -4,6 +4,8 @@
 contains, takes the simulated proposal network's boxes for it, and asks the demo checkpoint to
 detect every class, count the most frequent one and ground a referring expression. It prints the
 answers next to the scene's ground truth and writes an annotated PNG. Nothing is downloaded.
+Detection asks for each class on its own (``Predictor.detect(..., per_class=True)``), which
+finds more of the objects than one question about every class (docs/training.md).
 
 The checkpoint (``vlm_fo1/assets/demo``, under 20 MB) was trained by the commands in
 ``configs/miniature/README.md``; :func:`demo_checkpoint` says how to rebuild it when it is missing.
@@ -188,7 +190,7 @@ def run_demo(
     truth = tuple((label_of(o), object_phrase(o), tuple(float(v) for v in o.box)) for o in objects)
     counts = Counter(label for label, _, _ in truth)
     labels = sorted(counts)
-    detection = predictor.detect(labels)
+    detection = predictor.detect(labels, per_class=True)  # one question per class (docs/training.md)
     count_label, true_count = counts.most_common(1)[0]
     count = predictor.count(plural(count_label))
     expressions = referring_expressions(objects)
