@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -696,6 +697,13 @@ def test_per_class_records_ask_each_class_of_a_multi_class_question_alone(world)
             )
             assert single.meta["gt_boxes"] == record.meta["gt_boxes"]  # scored against the record's truth
     assert [asked[own[0]] for own in owners[len(multi) :]] == others  # the rest as they were
+    system = {"role": "system", "content": "You are a careful detector."}
+    with_system = dataclasses.replace(multi[0], messages=[system, *multi[0].messages])
+    first = per_class_records([with_system])[0][0]
+    assert first.messages == [
+        system,
+        {"role": "user", "content": P.detect(multi[0].meta["classes"][0]).content()},
+    ]
 
 
 def test_merge_answers_joins_in_class_order_and_fails_with_any_part():

@@ -75,7 +75,8 @@ def per_class_records(
 
     A region-format detection record whose prompt asks for several classes (:func:`query_labels`)
     becomes one record per class, asked with the release's single-class detection template
-    (``OD_template``: ``Please detect LABEL in this image. …``) about the same image and boxes, its
+    (``OD_template``: ``Please detect LABEL in this image. …``) in place of its last user turn
+    (earlier turns, e.g. a system prompt, are kept) about the same image and boxes, its
     ``meta["classes"]`` that one class; every other record is kept as it is. Returns the new list
     and, for each input record, the indexes of its records in it (in class order), so that
     :func:`merge_answers` can put each record's answers back together.
@@ -84,18 +85,21 @@ def per_class_records(
     owners: list[list[int]] = []
     for record in records:
         labels = query_labels(record)
+        users = [i for i, message in enumerate(record.messages) if message.get("role") == "user"]
         if (
             is_coordinate_record(record)
             or task_of(record) not in ("detection", "multi_detection")
             or not labels
             or len(labels) < 2
+            or not users
         ):
             owners.append([len(expanded)])
             expanded.append(record)
             continue
         owners.append(list(range(len(expanded), len(expanded) + len(labels))))
+        last_user = users[-1]
         for label in labels:
-            messages = [{"role": "user", "content": P.detect(label).content()}]
+            messages = [*record.messages[:last_user], {"role": "user", "content": P.detect(label).content()}]
             expanded.append(
                 dataclasses.replace(
                     record, messages=messages, task="detection", meta={**record.meta, "classes": [label]}
