@@ -275,21 +275,16 @@ def report(results: dict[str, Any]) -> str:
         *_table(arms, fo1, constrained, "val_suppress"),
         "",
     ]
-    if any("val_mass" in r for r in arms):  # with --all-decodings (and the hybrid arm of earlier runs)
-        lines += [
-            "the same decoding with `stop_by_mass` (another region while the regions together outweigh "
-            "`</objects>`):",
-            "",
-            *_table(arms, fo1, constrained, "val_mass"),
-            "",
-        ]
-    if any("val_per_class" in r for r in arms):
-        lines += [
-            f"multi-class detection asked one class at a time (`per_class`), with `suppress_overlap={SUPPRESS_IOU}`:",
-            "",
-            *_table(arms, fo1, constrained, "val_per_class"),
-            "",
-        ]
+    optional = {  # splits that only some runs have: stop_by_mass with --all-decodings (and the hybrid
+        # arm of earlier runs), per_class since it exists
+        "val_mass": "the same decoding with `stop_by_mass` (another region while the regions together "
+        "outweigh `</objects>`):",
+        "val_per_class": "multi-class detection asked one class at a time (`per_class`), with "
+        f"`suppress_overlap={SUPPRESS_IOU}`:",
+    }
+    for split, title in optional.items():
+        if any(split in r for r in arms):
+            lines += [title, "", *_table(arms, fo1, constrained, split), ""]
     if any("val_close" in r for r in arms):  # results from before the option have none
         lines += [
             f"the same decoding with `close_bias={CLOSE_BIAS:g}` (`</objects>` +{CLOSE_BIAS:g} inside "

@@ -142,6 +142,16 @@ def detection_probabilities(
     return result
 
 
+def join_answers(
+    parts: Sequence[tuple[str, Sequence[RegionTokenProb] | None]],
+) -> tuple[str, list[RegionTokenProb]]:
+    """Answers to separate questions as one answer: ``(text, emitted region tokens)`` pairs joined
+    in order. :func:`detection_probabilities` pairs tags with tokens in order, so every tag of the
+    joined text keeps the probability it had in its own answer (missing tokens: none)."""
+    text = "".join(part_text for part_text, _ in parts)
+    return text, [p for _, emitted in parts for p in (emitted or ())]
+
+
 def detection_confidence(mode: str, model_probability: float | None, proposal_score: float | None) -> float:
     """The score of one detection under ``mode`` (None inputs count as 1.0)."""
     p = 1.0 if model_probability is None else float(model_probability)

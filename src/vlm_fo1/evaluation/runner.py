@@ -27,7 +27,7 @@ from transformers import LogitsProcessorList
 
 from vlm_fo1.data.records import ConversationRecord
 from vlm_fo1.decoding import GroundingConstraint, check_close_bias, check_suppress_overlap
-from vlm_fo1.evaluation.confidence import check_mode, region_token_probabilities
+from vlm_fo1.evaluation.confidence import check_mode, join_answers, region_token_probabilities
 from vlm_fo1.evaluation.metrics import DetectionTruth, ScoredDetection, coco_map
 from vlm_fo1.evaluation.report import EvalReport
 from vlm_fo1.evaluation.scoring import (
@@ -84,15 +84,14 @@ def per_class_records(
     expanded: list[ConversationRecord] = []
     owners: list[list[int]] = []
     for record in records:
-        labels = query_labels(record)
-        users = [i for i, message in enumerate(record.messages) if message.get("role") == "user"]
-        if (
-            is_coordinate_record(record)
-            or task_of(record) not in ("detection", "multi_detection")
-            or not labels
-            or len(labels) < 2
-            or not users
-        ):
+        labels = query_labels(record) or ()
+        splittable = (
+            len(labels) > 1
+            and not is_coordinate_record(record)
+            and task_of(record) in ("detection", "multi_detection")
+        )
+        users = [i for i, m in enumerate(record.messages) if m.get("role") == "user"] if splittable else []
+        if not users:
             owners.append([len(expanded)])
             expanded.append(record)
             continue
@@ -112,13 +111,13 @@ def merge_answers(parts: Sequence[GeneratedAnswer | None]) -> GeneratedAnswer | 
     """One answer from the answers to a record's per-class questions (:func:`per_class_records`):
     their texts joined in class order (one ``<ground>…</objects>`` segment per class) and their
     emitted region tokens in the same order; None when any part is missing (it failed)."""
-    if any(part is None for part in parts):
-        return None
     done = [part for part in parts if part is not None]
+    if len(done) < len(parts):
+        return None
     if len(done) == 1:
         return done[0]
-    probs = [p for part in done for p in (part.region_probs or ())]
-    return dataclasses.replace(done[0], text="".join(part.text for part in done), region_probs=probs)
+    text, probs = join_answers([(part.text, part.region_probs) for part in done])
+    return dataclasses.replace(done[0], text=text, region_probs=probs)
 
 
 def _plan_batches(records: Sequence[ConversationRecord], batch_size: int) -> list[list[int]]:

@@ -28,7 +28,12 @@ import torch
 from transformers import LogitsProcessorList
 
 from vlm_fo1.decoding import GrammarVocabulary, GroundingConstraint, check_close_bias, check_suppress_overlap
-from vlm_fo1.evaluation.confidence import check_mode, detection_confidence, region_token_probabilities
+from vlm_fo1.evaluation.confidence import (
+    check_mode,
+    detection_confidence,
+    join_answers,
+    region_token_probabilities,
+)
 from vlm_fo1.images import load_image
 from vlm_fo1.inference.inputs import (
     as_proposals,
@@ -350,9 +355,7 @@ class Predictor:
         names = split_labels(labels)
         if not per_class or len(names) < 2:
             return self._answer(P.detect(names), names)  # type: ignore[return-value]
-        parts = [self._generate_one(P.detect(name), [name]) for name in names]
-        text = "".join(part_text for part_text, _ in parts)
-        probs = [p for _, part_probs in parts for p in (part_probs or ())]
+        text, probs = join_answers([self._generate_one(P.detect(name), [name]) for name in names])
         return self._result(Task.DETECTION, text, probs, state.proposals, state.prepared.original_size)  # type: ignore[return-value]
 
     def rank(self, labels: str | Sequence[str], top: int | None = None) -> DetectionResult:
