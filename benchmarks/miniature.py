@@ -55,6 +55,8 @@ another region only while it is e times as likely as closing; ``vlm_fo1.decoding
 with ``SUPPRESS_IOU``."""
 RANKED_METRICS = ("detection/mAP50@ranked", "detection/mAP@ranked", "detection/mAP50@ranked_product")
 """Detection mAP of the model's ranking of every region (``vlm_fo1.ranking``; FO1 arms only)."""
+REC_FORM_PREFIX = "referring/acc50_"
+"""REC accuracy per expression form (``referring/acc50_relation`` …; ``evaluation.scorers``)."""
 KEY_METRICS = (
     "detection/mAP50",
     "detection/mAP",
@@ -263,6 +265,10 @@ def report(results: dict[str, Any]) -> str:
         "referring/acc50",
     )
     lines += _table(arms, present, (*constrained, *RANKED_METRICS), "val_constrained")
+    forms = sorted({k for r in arms for k in r.get("val_constrained", {}) if k.startswith(REC_FORM_PREFIX)})
+    if forms:  # results from before the per-form accuracy have none
+        lines += ["", "REC accuracy by expression form, the same decoding:", ""]
+        lines += _table(arms, present, tuple(forms), "val_constrained")
     fo1 = [a for a in present if a != "coords"]
     lines += [
         "",

@@ -409,6 +409,23 @@ def test_counting_reads_the_written_number_and_reports_the_grounded_regions_apar
     assert metrics["counting/mae"] == 0.5
 
 
+def test_referring_accuracy_is_reported_per_expression_form(world):
+    _, records = world
+    referring = [r for r in records if r.meta["task"] == "referring"]
+    first = referring[0]
+    other = next(r for r in referring if r.meta["form"] != first.meta["form"])
+    # the first answered with no region (wrong), the other with its own target (right)
+    answers = [GeneratedAnswer(re.sub(r"<region\d+>", "", first.target())), GeneratedAnswer(other.target())]
+    metrics = score_records([first, other], answers).metrics
+    assert metrics["referring/acc50"] == 0.5
+    assert metrics[f"referring/acc50_{first.meta['form']}"] == 0.0
+    assert metrics[f"referring/acc50_{other.meta['form']}"] == 1.0
+    plain = [
+        dataclasses.replace(r, meta={k: v for k, v in r.meta.items() if k != "form"}) for r in (first, other)
+    ]
+    assert not [k for k in score_records(plain, answers).metrics if k.startswith("referring/acc50_")]
+
+
 def test_oracle_answers_score_perfectly(world):
     _, records = world
     report = score_records(records, [GeneratedAnswer(r.target()) for r in records])

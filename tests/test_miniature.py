@@ -263,6 +263,11 @@ def test_benchmark_report_formats_every_arm():
     assert "| 1.0 | 0.500 ± 0.000 |" in text
     assert "| detection/mAP50@ranked | 0.700 ± 0.000 | 0.700 ± 0.000 | n/a |" in text
     assert "(class-blind), val detection mAP@0.5: 0.300" in text
+    assert "by expression form" not in text  # results from before the per-form accuracy
+    arms[0]["val_constrained"] = val | {"referring/acc50_relation": 0.5}  # hybrid seed 0 only
+    forms = bench.report(results).split("by expression form")[1]
+    assert "| referring/acc50_relation | 0.500 | n/a | n/a |" in forms.split("\n\n")[1]
+    arms[0]["val_constrained"] = val
     mass = text.split("`stop_by_mass`")[1]
     assert (
         "| metric | hybrid | vit |" in mass and "| detection/mAP50 | 0.650 ± 0.071 | 0.650 ± 0.071 |" in mass

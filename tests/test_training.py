@@ -460,6 +460,63 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
         perception._WordMatch(model, processor, background)
 
 
+def test_region_perception_position_words_name_the_half_of_the_image(stage0, tmp_path):
+    """Each covered proposal is labelled with the half of the image its object's centre lies in
+    (from the scene truth), and ``position_words`` adds those words to the match's problems."""
+    from vlm_fo1.training import perception
+
+    data = tmp_path / "world"
+    generate_dataset(data, 12, seed=5, split_name="train", proposal_config=ProposalConfig(max_proposals=8))
+    scenes = data / "train_scenes.jsonl"
+    truths = [json.loads(line) for line in scenes.read_text().splitlines()]
+    regions = perception.read_scene_regions(scenes)
+    seen = set()
+    for truth, (_, _, per_box) in zip([t for t in truths if t["proposals"]["boxes"]], regions, strict=True):
+        width, height = truth["size"]
+        for matched, iou, labels in zip(
+            truth["proposals"]["matched_object"], truth["proposals"]["iou"], per_box, strict=True
+        ):
+            if matched < 0 or iou < 0.5:
+                assert "horizontal" not in labels
+                continue
+            x0, y0, x1, y1 = truth["objects"][matched]["box"]
+            left, top = x0 + x1 < width, y0 + y1 < height
+            assert labels["horizontal"] == ("leftmost" if left else "rightmost")
+            assert labels["side"] == ("left" if left else "right")
+            assert labels["vertical"] == ("topmost" if top else "bottommost")
+            assert labels["level"] == ("above" if top else "below")
+            seen.add((left, top))
+    assert len(seen) == 4  # every quarter of the image occurs
+    config = run_config_from_dict(
+        _config(data, Path("x"), 1, stage0, model={"keep": "vlm", "overrides": MATCH})
+    )
+    model, processor = init_model(config)
+    per_box = [b for _, _, boxes in regions for b in boxes]
+    plain = perception._WordMatch(model, processor, per_box)
+    placed = perception._WordMatch(
+        model, processor, per_box, (*perception.MATCH_GROUPS, *perception.POSITION_GROUPS)
+    )
+    added = [p for p in placed.problems if p not in plain.problems]
+    assert {g for g, _ in added} == set(perception.POSITION_GROUPS) and len(added) == 8
+    assert placed.vocabulary["horizontal"] == ["leftmost", "rightmost"]
+    image, boxes, labels = regions[0]
+    with torch.no_grad():  # the position problems are added beside the others, not mixed in
+        counts, features = perception._region_features(model, processor, [data / image], [boxes])
+        base = plain.loss(plain(model, features, counts), labels)
+        scores = placed(model, features, counts)
+        torch.testing.assert_close(placed.loss(scores, labels, 0.0), base)
+        position = placed.loss(scores, labels, 1.0) - base
+        assert position > 0
+        torch.testing.assert_close(placed.loss(scores, labels, 2.0) - base, 2 * position)
+    result = pretrain_region_perception(
+        model, processor, scenes, steps=2, batch_size=4, held_out=4, match_weight=1.0,
+        position_weight=0.5, progress=False,
+    )  # fmt: skip
+    assert 0.0 <= result.accuracy["match"] <= 1.0
+    with pytest.raises(ValueError, match="position_weight must be a finite number >= 0, got -1"):
+        pretrain_region_perception(model, processor, scenes, steps=1, position_weight=-1, progress=False)
+
+
 def test_region_perception_match_lr_scale_speeds_only_the_match(stage0, tmp_path):
     """Adam's first step moves each parameter by about its learning rate, so ``match_lr_scale``
     moves ``region_match`` that much farther while the region encoder moves as before."""

@@ -296,26 +296,34 @@ class CountingScorer(Scorer):
 
 
 class ReferringScorer(Scorer):
-    """Accuracy at IoU 0.5 of the answer's first predicted box (whatever its label), and the mean IoU."""
+    """Accuracy at IoU 0.5 of the answer's first predicted box (whatever its label), and the mean IoU;
+    with an expression ``form`` in the truth (the miniature world's), also the accuracy per form
+    (``acc50_<form>``)."""
 
     def __init__(self, prefix: str) -> None:
         super().__init__(prefix)
         self.ious: list[float] = []
+        self.forms: dict[str, list[bool]] = {}
 
     def add(self, item: ReadAnswer) -> bool:
         truth = [float(v) for v in item.meta["gt_box"]]
         overlap = iou(item.preds[0].box, truth) if item.preds else 0.0
         self.ious.append(overlap)
         self.correct.append(overlap >= 0.5)
+        if isinstance(form := item.meta.get("form"), str):
+            self.forms.setdefault(form, []).append(overlap >= 0.5)
         return overlap >= 0.5
 
     def metrics(self) -> dict[str, float]:
         n = len(self.ious)
-        return {
+        out = {
             self.name("n"): n,
             self.name("acc50"): sum(self.correct) / n,
             self.name("mean_iou"): sum(self.ious) / n,
         }
+        for form, hits in sorted(self.forms.items()):
+            out[self.name(f"acc50_{form}")] = sum(hits) / len(hits)
+        return out
 
 
 class ExactMatchScorer(Scorer):

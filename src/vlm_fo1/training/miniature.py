@@ -125,6 +125,9 @@ class Recipe:
     perception_match_lr_scale: float = 30.0
     """Learning-rate multiplier of the match's own parameters in region perception pretraining
     (hybrid seed 0, full-world constrained mAP@0.5 0.503 at 1, 0.587 at 10, 0.596 at 30)."""
+    perception_position_weight: float = 0.0
+    """Weight of region perception's position words: which half of the image each object lies in
+    (``position_weight`` of :func:`pretrain_region_perception`; 0: not asked)."""
     stage1_steps: int = 150
     freeze_aux: bool = True
     """Keep the auxiliary encoder as region perception left it through stages 1 and 2 (the paper
@@ -442,7 +445,8 @@ def perceive(
     result = pretrain_region_perception(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
         align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
-        match_lr_scale=recipe.perception_match_lr_scale, progress=progress,
+        match_lr_scale=recipe.perception_match_lr_scale,
+        position_weight=recipe.perception_position_weight, progress=progress,
     )  # fmt: skip
     logger.info("region perception pretraining: %s", result.to_json())
     out = Path(out)
