@@ -396,6 +396,9 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
         bad = tmp_path / "bad_scenes.jsonl"
         bad.write_text('{"image": "x.png"}\n')
         read_scene_regions(bad)
+    with pytest.raises(ValueError, match="and the image size, got \\['image', 'objects', 'proposals'\\]"):
+        bad.write_text('{"image": "x.png", "objects": [], "proposals": {"boxes": []}}\n')
+        read_scene_regions(bad)
 
 
 MATCH = {"region_pointer": True, "region_pointer_label": True, "region_pointer_match": True}

@@ -116,9 +116,10 @@ def read_scene_regions(
         for line_number, line in enumerate(handle, start=1):
             truth = json.loads(line)
             proposals = truth.get("proposals")
-            if not isinstance(proposals, dict) or "boxes" not in proposals:
+            if not isinstance(proposals, dict) or "boxes" not in proposals or "size" not in truth:
                 raise ValueError(
-                    f"{path}:{line_number}: expected scene truth with proposals, got {sorted(truth)}"
+                    f"{path}:{line_number}: expected scene truth with proposals and the image size, "
+                    f"got {sorted(truth)}"
                 )
             labels = []
             for matched, overlap in zip(proposals["matched_object"], proposals["iou"], strict=True):
