@@ -74,14 +74,15 @@ def object_kind(obj: dict[str, Any]) -> str:
     return "word" if obj.get("text") else obj["kind"]
 
 
-POSITION_GROUPS: dict[str, tuple[str, str]] = {
-    "horizontal": ("leftmost", "rightmost"),
-    "vertical": ("topmost", "bottommost"),
-    "side": ("left", "right"),
-    "level": ("above", "below"),
+POSITION_GROUPS: dict[str, tuple[int, str, str]] = {
+    "horizontal": (0, "leftmost", "rightmost"),
+    "vertical": (1, "topmost", "bottommost"),
+    "side": (0, "left", "right"),
+    "level": (1, "above", "below"),
 }
-"""Position words of the word-match loss (``position_weight``): the first of each pair describes an
-object whose centre lies in the left (top) half of the image, the second one in the other half."""
+"""Position words of the word-match loss (``position_weight``), as ``(axis, first, second)``: the
+first word describes an object whose centre lies in the left (axis 0) or top (axis 1) half of
+the image, the second one in the other half."""
 
 
 def _object_attributes(obj: dict[str, Any], image_size: tuple[float, float]) -> dict[str, str]:
@@ -90,14 +91,9 @@ def _object_attributes(obj: dict[str, Any], image_size: tuple[float, float]) -> 
         "colour": obj["colour"],
         "size": obj["size"],
     }
-    x0, y0, x1, y1 = obj["box"]
-    for group, (first, second) in POSITION_GROUPS.items():
-        centre, extent = (
-            ((x0 + x1) / 2, image_size[0])
-            if group in ("horizontal", "side")
-            else ((y0 + y1) / 2, image_size[1])
-        )
-        attributes[group] = first if centre < extent / 2 else second
+    box = obj["box"]
+    for group, (axis, first, second) in POSITION_GROUPS.items():
+        attributes[group] = first if box[axis] + box[axis + 2] < image_size[axis] else second
     return attributes | ({"text": obj["text"]} if obj.get("text") else {})
 
 
