@@ -1,6 +1,6 @@
 """The miniature reproduction of VLM-FO1's claims on 2 CPU cores (issue: training and evaluation).
 
-    python benchmarks/miniature.py                      # every arm, seeds 0 and 1 (~45 min on 2 cores)
+    python benchmarks/miniature.py                      # every arm, seeds 0 and 1 (~45-65 min on 2 cores)
     python benchmarks/miniature.py --scale 0.25 --seeds 0   # a quick look
     python benchmarks/miniature.py --demo-only          # just the demo checkpoint (hybrid, seed 0)
 
