@@ -392,12 +392,12 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
         pretrain_region_perception(
             model, processor, data / "train_scenes.jsonl", held_out=500, progress=False
         )
+    bad = tmp_path / "bad_scenes.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
     with pytest.raises(ValueError, match="expected scene truth with proposals"):
-        bad = tmp_path / "bad_scenes.jsonl"
-        bad.write_text('{"image": "x.png"}\n')
         read_scene_regions(bad)
+    bad.write_text('{"image": "x.png", "objects": [], "proposals": {"boxes": []}}\n')
     with pytest.raises(ValueError, match="and the image size, got \\['image', 'objects', 'proposals'\\]"):
-        bad.write_text('{"image": "x.png", "objects": [], "proposals": {"boxes": []}}\n')
         read_scene_regions(bad)
 
 

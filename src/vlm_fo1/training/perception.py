@@ -92,7 +92,7 @@ def _object_attributes(obj: dict[str, Any], image_size: tuple[float, float]) -> 
         "size": obj["size"],
     }
     box = obj["box"]
-    for group, (axis, first, second) in POSITION_GROUPS.items():
+    for group, (axis, first, second) in POSITION_GROUPS.items():  # centre < size / 2, doubled
         attributes[group] = first if box[axis] + box[axis + 2] < image_size[axis] else second
     return attributes | ({"text": obj["text"]} if obj.get("text") else {})
 
