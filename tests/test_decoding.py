@@ -285,6 +285,30 @@ def test_suppress_overlap_drops_the_boxes_of_an_object_already_named(processor):
         GroundingConstraint(vocab, [4], suppress_overlap=1.5, boxes=[boxes])
 
 
+def test_unique_labels_ground_each_asked_label_once(processor):
+    vocab, (ground, ground_close, objects, objects_close), regions, cat, width = _grammar(processor)
+    tokenizer = processor.tokenizer
+    dog = tokenizer.encode("dog", add_special_tokens=False)
+    cats = tokenizer.encode("cats", add_special_tokens=False)  # "cat" may be a prefix of it
+    labels = [cat, dog, cats]
+    first = [ground, *cat, ground_close, objects, regions[0], objects_close]
+    unique = GroundingConstraint(vocab, [4], labels=labels, unique_labels=True)
+    plain = GroundingConstraint(vocab, [4], labels=labels)
+    starts = {spelling[0] for spelling in labels}
+    assert _step(plain, [*first, ground], width) == starts
+    after = _step(unique, [*first, ground], width)
+    assert after == {dog[0], cats[0]}  # "cat" is still a prefix of "cats" when they share a token
+    if cats[: len(cat)] == cat:
+        assert ground_close not in _step(unique, [*first, ground, *cat], width)
+    assert ground in _step(unique, first, width)
+    every = [*first, ground, *dog, ground_close, objects, objects_close, ground, *cats, ground_close, objects]
+    assert ground not in _step(unique, [*every, objects_close], width)  # every label used: no new group
+    assert ground in _step(plain, [*every, objects_close], width)
+    assert vocab.end_ids[0] in _step(unique, [*every, objects_close], width)
+    free = GroundingConstraint(vocab, [4], unique_labels=True)  # no labels: any label text, again
+    assert _step(free, [*first, ground, *cat], width) >= {ground_close}
+
+
 def test_bad_region_counts_raise(processor):
     vocab = GrammarVocabulary.from_processor(processor)
     with pytest.raises(ValueError, match=r"\[0, 32\]"):

@@ -564,6 +564,9 @@ def test_run_eval_loads_evaluates_and_writes(world, model, processor, tmp_path):
     settings = json.loads(out.read_text())["settings"]
     assert settings["constrained"] is True and settings["close_bias"] == 1.5  # implies --constrained
     assert main([*command, "--close-bias", "nan", "--no-progress"]) == 2
+    assert main([*command, "--max-new-tokens", "4", "--unique-labels", "--no-progress"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["constrained"] is True and settings["unique_labels"] is True  # implies --constrained
     assert main([*command, "--max-new-tokens", "4", "--constrained", "--per-class", "--no-progress"]) == 0
     settings = json.loads(out.read_text())["settings"]
     assert settings["per_class"] is True and settings["constrained"] is True
@@ -691,6 +694,23 @@ def test_close_bias_trades_regions_for_closing(world, model, processor):
     assert report.metrics.get("detection/fp_rate", 0.0) == 0.0
     with pytest.raises(ValueError, match="close_bias must be a finite number"):
         evaluate(model, processor, chosen, root, close_bias=float("nan"), progress=False)
+
+
+def test_unique_labels_ground_each_asked_class_once(world, model, processor):
+    """A model that opens a new segment after every one: plain constrained decoding repeats the
+    asked labels until the budget ends; with ``unique_labels`` each asked label is grounded once."""
+    root, records = world
+    chosen = [r for r in records if r.meta["task"] in ("detection", "multi_detection")][:4]
+    assert chosen
+    plain, unique, report = _decode_with(
+        model, processor, chosen, root, close=25.0, max_new_tokens=48, unique_labels=True
+    )
+    for record, a, b in zip(chosen, plain, unique, strict=True):
+        asked = set(record.meta["classes"])
+        repeated, labels = (re.findall(r"<ground>(.*?)</ground>", t.text) for t in (a, b))
+        assert len(repeated) > len(set(repeated)), a.text  # without it: labels again and again
+        assert labels and len(labels) == len(set(labels)) and set(labels) <= asked, b.text
+    assert report.settings["unique_labels"] is True
 
 
 def test_per_class_records_ask_each_class_of_a_multi_class_question_alone(world):

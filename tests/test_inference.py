@@ -121,6 +121,25 @@ def test_close_bias_names_fewer_regions(processor, predictor, wide):
         Predictor(predictor.model, processor, close_bias=float("inf"))
 
 
+def test_unique_labels_ground_each_detected_class_once(processor, predictor, wide):
+    ids = processor.tokenizer.convert_tokens_to_ids
+    bias = torch.zeros(predictor.model.config.text_config.vocab_size)
+    # empty groups, again and again
+    bias[[ids(T.GROUND_OPEN), ids(T.GROUND_CLOSE), ids(T.OBJECTS_CLOSE)]] = 30.0
+    head = predictor.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+    try:
+        plain = Predictor(predictor.model, processor, max_new_tokens=40)
+        once = Predictor(predictor.model, processor, max_new_tokens=40, unique_labels=True)
+        for p in (plain, once):
+            p.set_image(wide, (BOXES, SCORES))
+        again, single = (p.detect(["cat", "dog"]).text for p in (plain, once))
+    finally:
+        hook.remove()
+    assert again.count(T.GROUND_OPEN) > 2
+    assert single.count(T.GROUND_OPEN) <= 2 and single.count("cat") <= 1 and single.count("dog") <= 1
+
+
 def test_detect_per_class_joins_single_class_answers_from_the_cached_image(predictor, wide):
     predictor.set_image(wide, (BOXES, SCORES))
     model = predictor.model

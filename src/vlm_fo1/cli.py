@@ -348,10 +348,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         constrained=args.constrained
         or args.stop_by_mass
         or args.suppress_overlap is not None
-        or args.close_bias is not None,
+        or args.close_bias is not None
+        or args.unique_labels,
         stop_by_mass=args.stop_by_mass,
         suppress_overlap=args.suppress_overlap,
         close_bias=args.close_bias or 0.0,
+        unique_labels=args.unique_labels,
         ranked=args.ranked,
         per_class=args.per_class,
         progress=not args.no_progress,
@@ -440,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="LOGIT",
         help="constrained, and add LOGIT to </objects> inside <objects> (> 0: fewer, surer regions)",
+    )
+    evaluate.add_argument(
+        "--unique-labels",
+        action="store_true",
+        help="constrained, and ground each asked label in at most one segment of an answer",
     )
     evaluate.add_argument(
         "--ranked",

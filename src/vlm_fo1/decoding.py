@@ -45,6 +45,12 @@ absent objects and fewer duplicates; ``b < 0``: more regions). With ``stop_by_ma
 logit enters the comparison of totals. Evaluation scores the emitted regions with the raw
 logits (``output_logits``), so its model probabilities do not include the bias.
 
+An answer grounds each asked label in one segment (the release's parser unions repeated labels,
+so a second segment of a label adds nothing but its regions). ``unique_labels=True`` (not in the
+release; only with ``labels``) keeps a label that a closed ``</ground>`` already spelled out of
+later ``<ground>`` segments of the answer, and no ``<ground>`` opens once every label is used: a
+multi-class answer that would write one label twice must write another or end.
+
 When the tokenizer does not hold the four grounding tags as single tokens, the grammar part is
 switched off (with a warning) and only the region-range and placeholder rules apply.
 """
@@ -137,6 +143,7 @@ class _Row:
     label: list[int] = field(default_factory=list)  # token ids of the label so far
     label_started: bool = False  # a non-blank label token was emitted
     used: set[int] = field(default_factory=set)
+    grounded: set[tuple[int, ...]] = field(default_factory=set)  # labels closed by </ground> so far
 
 
 class GroundingConstraint(LogitsProcessor):
@@ -157,6 +164,8 @@ class GroundingConstraint(LogitsProcessor):
         suppress_overlap: IoU above which a box is no longer offered once a box it overlaps is
             named in the group (module docstring); needs ``boxes``. None: off.
         close_bias: added to the logit of ``</objects>`` inside ``<objects>`` (module docstring).
+        unique_labels: with ``labels`` / ``row_labels``, each label may open one ``<ground>``
+            segment per answer (module docstring); no effect on free label text.
         boxes: per sample, its ``(N_b, 4)`` xyxy boxes (any one coordinate frame), ``N_b`` its
             region count.
 
@@ -178,6 +187,7 @@ class GroundingConstraint(LogitsProcessor):
         stop_by_mass: bool = False,
         suppress_overlap: float | None = None,
         close_bias: float = 0.0,
+        unique_labels: bool = False,
         boxes: Sequence[Any] | None = None,
     ) -> None:
         counts = region_counts.tolist() if isinstance(region_counts, torch.Tensor) else list(region_counts)
@@ -193,6 +203,7 @@ class GroundingConstraint(LogitsProcessor):
         self.max_new_tokens = max_new_tokens
         self.unique_regions = unique_regions
         self.stop_by_mass = stop_by_mass
+        self.unique_labels = unique_labels
         self.close_bias = check_close_bias(close_bias)
         if labels is not None and row_labels is not None:
             raise ValueError(
@@ -289,7 +300,9 @@ class GroundingConstraint(LogitsProcessor):
             allowed = outside.clone()
             if self.free_region_mentions or tags is None:
                 allowed[self._regions(count, set())] = True
-            if tags is not None and room is not None and room < self._needed_after_open(labels):
+            if tags is not None and (
+                labels == () or (room is not None and room < self._needed_after_open(labels))
+            ):
                 allowed[tags[0]] = False
             return allowed
         allowed = torch.zeros(width, dtype=torch.bool, device=device)
@@ -333,6 +346,7 @@ class GroundingConstraint(LogitsProcessor):
         elif row.state == IN_GROUND:
             if token == ground_close:
                 row.state = AFTER_GROUND
+                row.grounded.add(tuple(row.label))
             else:
                 row.label.append(token)
                 row.label_started = row.label_started or token not in v.blank_ids
@@ -381,14 +395,11 @@ class GroundingConstraint(LogitsProcessor):
         out = scores.clone()
         for b, row in enumerate(states):
             sample = samples[b]
+            labels = self._sample_labels[sample]
+            if self.unique_labels and labels is not None and row.grounded:
+                labels = tuple(x for x in labels if x not in row.grounded)
             allowed = self._allowed(
-                self.region_counts[sample],
-                row,
-                room,
-                width,
-                scores.device,
-                self._sample_labels[sample],
-                self._overlaps[sample],
+                self.region_counts[sample], row, room, width, scores.device, labels, self._overlaps[sample]
             )
             if allowed is not None:
                 if row.state == IN_OBJECTS and self.vocabulary.tags is not None:

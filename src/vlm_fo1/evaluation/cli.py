@@ -37,6 +37,7 @@ def run_eval(
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
+    unique_labels: bool = False,
     ranked: bool = False,
     per_class: bool = False,
     dtype: torch.dtype | None = None,
@@ -50,8 +51,8 @@ def run_eval(
         out_path: where the report (metrics, settings, errors, predictions) is written, atomically.
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
-        confidence / constrained / stop_by_mass / suppress_overlap / close_bias / ranked / per_class /
-            batch_size / max_new_tokens / progress: see :func:`evaluate`.
+        confidence / constrained / stop_by_mass / suppress_overlap / close_bias / unique_labels /
+            ranked / per_class / batch_size / max_new_tokens / progress: see :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
@@ -85,6 +86,7 @@ def run_eval(
         stop_by_mass=stop_by_mass,
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
+        unique_labels=unique_labels,
         ranked=ranked,
         per_class=per_class,
         progress=progress,

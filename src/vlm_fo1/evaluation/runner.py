@@ -138,6 +138,7 @@ def generate_answers(
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
+    unique_labels: bool = False,
 ) -> list[GeneratedAnswer]:
     """One batch: encode, generate greedily with logits, decode; raises on any failure.
 
@@ -146,7 +147,8 @@ def generate_answers(
     the ``Predictor`` does; ``stop_by_mass``: the constraint's choice between another region and
     ``</objects>`` on total probabilities; ``suppress_overlap``: once a box is named, boxes
     overlapping it by more IoU are not offered in that group; ``close_bias``: added to the logit
-    of ``</objects>`` inside ``<objects>`` (see ``vlm_fo1.decoding``).
+    of ``</objects>`` inside ``<objects>``; ``unique_labels``: each asked label grounded in at most
+    one segment of an answer (see ``vlm_fo1.decoding``).
     """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
@@ -165,6 +167,7 @@ def generate_answers(
             stop_by_mass=stop_by_mass,
             suppress_overlap=suppress_overlap,
             close_bias=close_bias,
+            unique_labels=unique_labels,
             boxes=[sample.boxes for sample in samples],
         )
         processors = LogitsProcessorList([constraint])
@@ -270,6 +273,7 @@ def evaluate(
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
+    unique_labels: bool = False,
     ranked: bool = False,
     per_class: bool = False,
     progress: bool = True,
@@ -293,6 +297,8 @@ def evaluate(
             release; None: off).
         close_bias: under the constraint, added to the logit of ``</objects>`` inside
             ``<objects>`` (``vlm_fo1.decoding``; not in the release; 0: off; > 0: fewer regions).
+        unique_labels: under the constraint, each asked label opens at most one ``<ground>``
+            segment of an answer (``vlm_fo1.decoding``; not in the release).
         ranked: also rank every region of each (multi-)detection record for each asked label
             (:func:`vlm_fo1.ranking.rank_queries`, ``batch_size`` records at a time) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
@@ -335,6 +341,7 @@ def evaluate(
             stop_by_mass=stop_by_mass,
             suppress_overlap=suppress_overlap,
             close_bias=close_bias,
+            unique_labels=unique_labels,
         )
         asked, owners = (
             per_class_records(records) if per_class else (records, [[i] for i in range(len(records))])
@@ -359,6 +366,7 @@ def evaluate(
         stop_by_mass=stop_by_mass,
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
+        unique_labels=unique_labels,
         ranked=ranked,
         per_class=per_class,
         seconds=round(time.perf_counter() - start, 3),

@@ -102,6 +102,8 @@ class Predictor:
             group: another region is named only while it is ``e^close_bias`` times as likely as
             closing (``vlm_fo1.decoding``; not in the release; 0: off; > 0: fewer false positives,
             fewer regions). The model probabilities of the detections then include it.
+        unique_labels: under the grammar, each label asked in ``detect`` / ``count`` opens at
+            most one ``<ground>`` segment of an answer (``vlm_fo1.decoding``; not in the release).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class Predictor:
         stop_by_mass: bool = False,
         suppress_overlap: float | None = None,
         close_bias: float = 0.0,
+        unique_labels: bool = False,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -132,6 +135,7 @@ class Predictor:
         self.stop_by_mass = stop_by_mass
         self.suppress_overlap = check_suppress_overlap(suppress_overlap)
         self.close_bias = check_close_bias(close_bias)
+        self.unique_labels = unique_labels
         self.vocabulary = GrammarVocabulary.from_processor(processor)
         self._state: ImageState | None = None
 
@@ -281,6 +285,7 @@ class Predictor:
                 stop_by_mass=self.stop_by_mass,
                 suppress_overlap=self.suppress_overlap,
                 close_bias=self.close_bias,
+                unique_labels=self.unique_labels,
                 boxes=[sample.boxes for sample in batch.samples],
             )
             processors = LogitsProcessorList([constraint])

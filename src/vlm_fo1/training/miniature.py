@@ -578,13 +578,15 @@ def evaluate_checkpoint(
     stop_by_mass: bool = False,
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
+    unique_labels: bool = False,
     ranked: bool = False,
     per_class: bool = False,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of a checkpoint on a record file (first ``limit`` records; ``constrained``: decode
-    as the Predictor does; ``stop_by_mass`` / ``suppress_overlap`` / ``close_bias``: the decoder's
+    as the Predictor does; ``stop_by_mass`` / ``suppress_overlap`` / ``close_bias`` /
+    ``unique_labels``: the decoder's
     options, not in the release; ``per_class``: multi-class detection asked one class at a time, not
     in the release); the report is written to ``out`` (default: next to the checkpoint)."""
     from vlm_fo1.evaluation.cli import run_eval
@@ -593,7 +595,8 @@ def evaluate_checkpoint(
         f"eval_{Path(records).parent.name}_{Path(records).stem}"
         f"{'_constrained' if constrained else ''}{'_mass' if stop_by_mass else ''}"
         f"{'' if suppress_overlap is None else f'_suppress{suppress_overlap:g}'}"
-        f"{f'_close{close_bias:g}' if close_bias else ''}{'_ranked' if ranked else ''}{'_per_class' if per_class else ''}.json"
+        f"{f'_close{close_bias:g}' if close_bias else ''}{'_unique' if unique_labels else ''}"
+        f"{'_ranked' if ranked else ''}{'_per_class' if per_class else ''}.json"
     )
     target = Path(out) if out is not None else Path(model_dir) / name
     report = run_eval(
@@ -607,6 +610,7 @@ def evaluate_checkpoint(
         stop_by_mass=stop_by_mass,
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
+        unique_labels=unique_labels,
         ranked=ranked,
         per_class=per_class,
         progress=progress,
