@@ -204,6 +204,9 @@ def _run_arm(
         result["val_both"] = evaluate_checkpoint(
             final, val, limit=limit, constrained=True, suppress_overlap=SUPPRESS_IOU, close_bias=CLOSE_BIAS
         )
+        unique = dict(limit=limit, constrained=True, suppress_overlap=SUPPRESS_IOU, unique_labels=True)
+        result["val_unique"] = evaluate_checkpoint(final, val, **unique)
+        result["val_unique_close"] = evaluate_checkpoint(final, val, close_bias=CLOSE_BIAS, **unique)
     if arm == "hybrid":
         result["recall"] = {
             str(r): evaluate_checkpoint(final, path, constrained=True)["detection/mAP50"]
@@ -282,11 +285,15 @@ def report(results: dict[str, Any]) -> str:
         "",
     ]
     optional = {  # splits that only some runs have: stop_by_mass with --all-decodings (and the hybrid
-        # arm of earlier runs), per_class since it exists
+        # arm of earlier runs), per_class and unique_labels since they exist
         "val_mass": "the same decoding with `stop_by_mass` (another region while the regions together "
         "outweigh `</objects>`):",
         "val_per_class": "multi-class detection asked one class at a time (`per_class`), with "
         f"`suppress_overlap={SUPPRESS_IOU}`:",
+        "val_unique": "every class in one question, as the release asks, each asked label grounded at most "
+        f"once (`unique_labels`), with `suppress_overlap={SUPPRESS_IOU}`:",
+        "val_unique_close": f"the same with `close_bias={CLOSE_BIAS:g}` as well (`unique_labels`, "
+        f"`suppress_overlap={SUPPRESS_IOU}`, `close_bias={CLOSE_BIAS:g}`):",
     }
     for split, title in optional.items():
         if any(split in r for r in arms):

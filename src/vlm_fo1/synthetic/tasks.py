@@ -215,7 +215,9 @@ def _multi_detection(ctx: _Context, rng: random.Random, negative: bool) -> _Samp
         if len(chosen) < 2:
             return None
         rng.shuffle(chosen)
-    segments = [(c, ctx.regions_of(c)) for c in chosen if ctx.regions_of(c)] or [(chosen[0], [])]
+    # Every asked class in the question's order, an empty group for an absent one: the model
+    # copies the next label and decides about each class on its own (docs/training.md).
+    segments = [(c, ctx.regions_of(c)) for c in chosen]
     meta = {"classes": chosen, "negative": negative, **ctx.truth(chosen)}
     return _Sample(T.detect(chosen), grounding_answer(segments), meta)
 
