@@ -121,6 +121,13 @@ def test_close_bias_names_fewer_regions(processor, predictor, wide):
         Predictor(predictor.model, processor, close_bias=float("inf"))
 
 
+def test_ground_writes_the_expression_as_its_label(predictor, wide):
+    predictor.set_image(wide, (BOXES, SCORES))
+    text = predictor.ground("the red cat ").text
+    labels = [segment.split(T.GROUND_CLOSE)[0] for segment in text.split(T.GROUND_OPEN)[1:]]
+    assert labels and set(labels) == {"the red cat"}, text
+
+
 def test_unique_labels_ground_each_detected_class_once(processor, predictor, wide):
     ids = processor.tokenizer.convert_tokens_to_ids
     bias = torch.zeros(predictor.model.config.text_config.vocab_size)
