@@ -421,7 +421,7 @@ class Predictor:
     def ground(self, expression: str) -> DetectionResult:
         """The regions a referring expression (``"the red cup on the left"``) points at; under the
         grammar the answer's ``<ground>`` label is the expression itself (as evaluation decodes)."""
-        return self._answer(P.refer(expression), [expression.strip()])  # type: ignore[return-value]
+        return self._answer(P.refer(expression), [expression])  # type: ignore[return-value]
 
     def count(self, label: str) -> CountResult:
         """Count the instances of ``label`` (the number, and the regions the model grounded)."""

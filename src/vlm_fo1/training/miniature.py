@@ -114,9 +114,10 @@ class Recipe:
     base_steps: int = 600
     aux_pretrain_steps: int = 2000
     """Dense pretraining of the shared auxiliary encoder (:func:`pretrain_aux`; 0: none). At 2 000
-    steps instead of 1 000 its held-out cell kind accuracy rises from 0.734 to 0.973 and, in two
-    hybrid runs (seeds 0 / 1), the false-positive rate falls from 0.071 / 0.079 to 0.032 / 0.032
-    and 0.032 / 0.048 (docs/training.md)."""
+    steps instead of 1 000 its held-out cell kind accuracy rises from 0.734 to 0.97 and hybrid
+    counting with ``suppress_overlap=0.5`` from 0.808 / 0.782 to 0.83-0.86 in three runs (seeds
+    0 / 1); the false-positive rate fell to 0.032-0.048 in two of them, not in the third (0.095 /
+    0.063; docs/training.md)."""
     perception_steps: int = 900
     """Region perception pretraining (:func:`perceive`; hybrid seeds 0 / 1, full-world constrained
     mAP@0.5 0.553 / 0.583 at 200 steps, 0.612 / 0.591 at 400; on another world and base 0.576 /
@@ -586,9 +587,9 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Metrics of a checkpoint on a record file (first ``limit`` records; ``constrained``: decode
     as the Predictor does; ``stop_by_mass`` / ``suppress_overlap`` / ``close_bias`` /
-    ``unique_labels``: the decoder's
-    options, not in the release; ``per_class``: multi-class detection asked one class at a time, not
-    in the release); the report is written to ``out`` (default: next to the checkpoint)."""
+    ``unique_labels``: the decoder's options, not in the release; ``per_class``: multi-class
+    detection asked one class at a time, not in the release); the report is written to ``out``
+    (default: next to the checkpoint)."""
     from vlm_fo1.evaluation.cli import run_eval
 
     name = (
