@@ -51,8 +51,8 @@ SUPPRESS_IOU = 0.5
 overlapping it by IoU > 0.5 are not offered again in that answer group; ``vlm_fo1.decoding``)."""
 CLOSE_BIAS = 1.0
 """The ``close_bias`` of the benchmark's extra decodings (``</objects>`` +1 inside ``<objects>``:
-another region only while it is e times as likely as closing; ``vlm_fo1.decoding``), alone and
-with ``SUPPRESS_IOU``."""
+another region only while it is e times as likely as closing; ``vlm_fo1.decoding``), with
+``unique_labels`` and ``SUPPRESS_IOU``."""
 RANKED_METRICS = ("detection/mAP50@ranked", "detection/mAP@ranked", "detection/mAP50@ranked_product")
 """Detection mAP of the model's ranking of every region (``vlm_fo1.ranking``; FO1 arms only)."""
 REC_FORM_PREFIX = "referring/acc50_"
@@ -198,14 +198,9 @@ def _run_arm(
         result["val_suppress"] = evaluate_checkpoint(
             final, val, limit=limit, constrained=True, suppress_overlap=SUPPRESS_IOU
         )
-        result["val_close"] = evaluate_checkpoint(
-            final, val, limit=limit, constrained=True, close_bias=CLOSE_BIAS
-        )
-        result["val_both"] = evaluate_checkpoint(
-            final, val, limit=limit, constrained=True, suppress_overlap=SUPPRESS_IOU, close_bias=CLOSE_BIAS
-        )
         unique = dict(limit=limit, constrained=True, suppress_overlap=SUPPRESS_IOU, unique_labels=True)
         result["val_unique"] = evaluate_checkpoint(final, val, **unique)
+        result["val_unique_count"] = evaluate_checkpoint(final, val, count_from_list=True, **unique)
         result["val_unique_close"] = evaluate_checkpoint(final, val, close_bias=CLOSE_BIAS, **unique)
     if arm == "hybrid":
         result["recall"] = {
@@ -292,24 +287,16 @@ def report(results: dict[str, Any]) -> str:
         f"`suppress_overlap={SUPPRESS_IOU}`:",
         "val_unique": "every class in one question, as the release asks, each asked label grounded at most "
         f"once (`unique_labels`), with `suppress_overlap={SUPPRESS_IOU}`:",
-        "val_unique_close": f"the same with `close_bias={CLOSE_BIAS:g}` as well (`unique_labels`, "
-        f"`suppress_overlap={SUPPRESS_IOU}`, `close_bias={CLOSE_BIAS:g}`):",
+        "val_unique_count": "the same with `count_from_list` as well (a count written after `</objects>` is "
+        f"the number of regions listed; `unique_labels`, `suppress_overlap={SUPPRESS_IOU}`, "
+        "`count_from_list`; the decoding the demo uses):",
+        "val_unique_close": f"`unique_labels` and `suppress_overlap={SUPPRESS_IOU}` with `close_bias="
+        f"{CLOSE_BIAS:g}` (`</objects>` +{CLOSE_BIAS:g} inside `<objects>`: another region only while it "
+        "is e times as likely as closing):",
     }
     for split, title in optional.items():
         if any(split in r for r in arms):
             lines += [title, "", *_table(arms, fo1, constrained, split), ""]
-    if any("val_close" in r for r in arms):  # results from before the option have none
-        lines += [
-            f"the same decoding with `close_bias={CLOSE_BIAS:g}` (`</objects>` +{CLOSE_BIAS:g} inside "
-            "`<objects>`: another region only while it is e times as likely as closing):",
-            "",
-            *_table(arms, fo1, constrained, "val_close"),
-            "",
-            f"with both, `suppress_overlap={SUPPRESS_IOU}` and `close_bias={CLOSE_BIAS:g}`:",
-            "",
-            *_table(arms, fo1, constrained, "val_both"),
-            "",
-        ]
     lines += [
         "easy scenes (1-2 objects, clean proposals; held-out seed), decoded as the Predictor decodes:",
         "",

@@ -323,3 +323,28 @@ def test_without_single_token_tags_only_region_ranges_apply(processor):
     allowed = _step(GroundingConstraint(vocab, [2]), [], len(processor.tokenizer))
     assert {regions[0], regions[1]} <= allowed and not allowed & set(regions[2:])
     assert processor.region_feature_token_id not in allowed
+
+
+def test_count_from_list_makes_the_number_after_the_list_its_length(processor):
+    vocab, (ground, ground_close, objects, objects_close), regions, cat, width = _grammar(processor)
+    digit = {d: processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
+    assert set(digit.values()) <= dict(vocab.digit_ids).keys()
+    counted = GroundingConstraint(vocab, [12], count_from_list=True)
+    plain = GroundingConstraint(vocab, [12])
+    two = [ground, *cat, ground_close, objects, regions[3], regions[1], objects_close]
+    after = _step(counted, two, width)
+    assert after & set(digit.values()) == {digit[2]}  # the list's length, no other digit
+    assert vocab.end_ids[0] in after and ground in after  # no number, or more answer, still allowed
+    assert set(digit.values()) <= _step(plain, two, width)
+    assert not _step(counted, [*two, digit[2]], width) & set(digit.values())  # the count is written
+    # Distinct regions of every group count; a two-digit count, once started, must be finished.
+    groups = [ground, *cat, ground_close, objects, *regions[:6], objects_close]
+    groups += [ground, *cat, ground_close, objects, *regions[4:11], objects_close]  # 4, 5 again
+    assert _step(counted, groups, width) & set(digit.values()) == {digit[1]}
+    assert _step(counted, [*groups, digit[1]], width) == {digit[1]}  # 11: the second digit only
+    none = [ground, *cat, ground_close, objects, objects_close]
+    assert _step(counted, none, width) & set(digit.values()) == {digit[0]}
+    # Digits elsewhere are free: in the label, after text that follows the list.
+    space = processor.tokenizer.encode(" ", add_special_tokens=False)
+    assert set(digit.values()) <= _step(counted, [*two, *space], width)
+    assert set(digit.values()) <= _step(counted, [ground], width)

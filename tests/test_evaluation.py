@@ -49,6 +49,7 @@ from vlm_fo1.evaluation.runner import merge_answers, per_class_records, picked_c
 from vlm_fo1.prompting import IM_END
 from vlm_fo1.prompting import templates as P
 from vlm_fo1.synthetic import TASK_NAMES, ProposalConfig, generate_dataset
+from vlm_fo1.testing import bias_after_token
 
 A, B = (10.0, 10.0, 30.0, 30.0), (50.0, 50.0, 80.0, 70.0)
 FAR = (200.0, 200.0, 220.0, 220.0)
@@ -567,6 +568,9 @@ def test_run_eval_loads_evaluates_and_writes(world, model, processor, tmp_path):
     assert main([*command, "--max-new-tokens", "4", "--unique-labels", "--no-progress"]) == 0
     settings = json.loads(out.read_text())["settings"]
     assert settings["constrained"] is True and settings["unique_labels"] is True  # implies --constrained
+    assert main([*command, "--max-new-tokens", "4", "--count-from-list", "--no-progress"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["constrained"] is True and settings["count_from_list"] is True  # implies --constrained
     assert main([*command, "--max-new-tokens", "4", "--constrained", "--per-class", "--no-progress"]) == 0
     settings = json.loads(out.read_text())["settings"]
     assert settings["per_class"] is True and settings["constrained"] is True
@@ -711,6 +715,31 @@ def test_unique_labels_ground_each_asked_class_once(world, model, processor):
         assert len(repeated) > len(set(repeated)), a.text  # without it: labels again and again
         assert labels and len(labels) == len(set(labels)) and set(labels) <= asked, b.text
     assert report.settings["unique_labels"] is True
+
+
+def test_count_from_list_writes_the_length_of_the_list(world, model, processor):
+    """A model that names every region, then, right after ``</objects>``, prefers "9" to any other
+    digit and a digit to anything else: plain constrained decoding writes 9 whatever it listed;
+    with ``count_from_list`` the number is the count of the regions it named."""
+    from vlm_fo1.prompting import tokens as T
+
+    root, records = world
+    chosen = [r for r in records if r.meta["task"] == "counting" and r.boxes][:4]
+    assert chosen
+    ids = processor.tokenizer.convert_tokens_to_ids
+    digits = torch.zeros(model.config.text_config.vocab_size)
+    digits[[ids(str(d)) for d in range(10)]] = 40.0
+    digits[ids("9")] = 41.0
+    with bias_after_token(model, ids(T.OBJECTS_CLOSE), digits):
+        plain, counted, report = _decode_with(
+            model, processor, chosen, root, close=17.0, max_new_tokens=40, count_from_list=True
+        )
+    for a, b in zip(plain, counted, strict=True):
+        assert a.text.split("</objects>")[1].startswith("9"), a.text
+        listed, after = b.text.split("</objects>")[:2]
+        count = str(len(set(_regions(listed))))
+        assert after.startswith(count) and not after[len(count) :][:1].isdigit(), b.text
+    assert report.settings["count_from_list"] is True
 
 
 def test_per_class_records_ask_each_class_of_a_multi_class_question_alone(world):

@@ -12,7 +12,7 @@ from vlm_fo1.inference import NoImageError, Predictor
 from vlm_fo1.inference.inputs import as_proposals, cap_proposals
 from vlm_fo1.prompting import tokens as T
 from vlm_fo1.proposals import ProposalSet
-from vlm_fo1.testing import tiny_model
+from vlm_fo1.testing import bias_after_token, tiny_model
 
 from conftest import make_image
 
@@ -145,6 +145,21 @@ def test_unique_labels_ground_each_detected_class_once(processor, predictor, wid
         hook.remove()
     assert again.count(T.GROUND_OPEN) > 2
     assert single.count(T.GROUND_OPEN) <= 2 and single.count("cat") <= 1 and single.count("dog") <= 1
+
+
+def test_count_from_list_reports_the_number_of_regions_it_named(processor, predictor, wide):
+    ids = processor.tokenizer.convert_tokens_to_ids
+    digits = torch.zeros(predictor.model.config.text_config.vocab_size)
+    digits[[ids(str(d)) for d in range(10)]] = 50.0  # right after </objects>, a digit above anything
+    digits[ids("9")] = 60.0  # and "9" above the other digits
+    counted = Predictor(predictor.model, processor, max_new_tokens=40, count_from_list=True)
+    for p in (predictor, counted):
+        p.set_image(wide, (BOXES, SCORES))
+    with bias_after_token(predictor.model, ids(T.OBJECTS_CLOSE), digits):
+        plain, listed = predictor.count("cat"), counted.count("cat")
+    assert plain.count == 9 and plain.count_source == "text", plain.text
+    assert listed.count == len({d.region_index for d in listed.detections}) != 9, listed.text
+    assert listed.count_source == "text"
 
 
 def test_detect_per_class_joins_single_class_answers_from_the_cached_image(predictor, wide):

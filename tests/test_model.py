@@ -313,6 +313,8 @@ def test_region_pointer_label_options_are_validated(tokenizer):
         tiny_config(tokenizer, region_pointer=True, region_pointer_label=True, ground_token_ids=None)
     with pytest.raises(ValueError, match="region_pointer_match needs region_pointer_label=True"):
         tiny_config(tokenizer, region_pointer=True, region_pointer_match=True)
+    with pytest.raises(ValueError, match="region_pointer_label_gate needs region_pointer_label=True"):
+        tiny_config(tokenizer, region_pointer=True, region_pointer_label_gate=True)
     with pytest.raises(ValueError, match="2 ids of <ground> and </ground>"):
         tiny_config(tokenizer, ground_token_ids=[5])
     assert tiny_config(tokenizer).ground_token_ids == tokenizer.convert_tokens_to_ids(
@@ -320,11 +322,16 @@ def test_region_pointer_label_options_are_validated(tokenizer):
     )
 
 
-def _label_pointer(tokenizer, match: bool = False):
-    """The pointer pair's weights with the asked label in the query and random pointer matrices."""
+def _label_pointer(tokenizer, match: bool = False, gate: bool = False):
+    """The pointer pair's weights with the asked label in the query and random pointer matrices
+    (``gate``: and a random label gate)."""
     plain, _ = _pointer_pair(tokenizer)
     config = tiny_config(
-        tokenizer, region_pointer=True, region_pointer_label=True, region_pointer_match=match
+        tokenizer,
+        region_pointer=True,
+        region_pointer_label=True,
+        region_pointer_match=match,
+        region_pointer_label_gate=gate,
     )
     model = tiny_model(config, seed=3)
     model.load_state_dict(plain.state_dict(), strict=False)
@@ -332,18 +339,27 @@ def _label_pointer(tokenizer, match: bool = False):
     if match:
         assert model.region_match.weight.abs().sum() == 0  # zero-initialised
         torch.nn.init.normal_(model.region_match.weight, std=0.5)
+    if gate:
+        assert model.region_label_gate.weight.abs().sum() == 0 == model.region_label_gate.bias.abs().sum()
+        torch.nn.init.normal_(model.region_label_gate.weight, std=2.0)
+        torch.nn.init.normal_(model.region_label_gate.bias, std=1.0)
     return plain.eval(), model.eval()
 
 
-TWO_SPANS = "<ground>cat</ground><objects><region1></objects><ground>dog</ground><objects><region2></objects>"
+WORDY_SPANS = (
+    "<ground>the black cat</ground><objects><region1></objects>"
+    "<ground>the dog left of the cat</ground><objects><region2></objects>"
+)
 
 
-@pytest.mark.parametrize("match", [False, True])
-def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(processor, tokenizer, image, match):
-    plain, model = _label_pointer(tokenizer, match)
+@pytest.mark.parametrize(("match", "gate"), [(False, False), (True, False), (True, True)])
+def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(
+    processor, tokenizer, image, match, gate
+):
+    plain, model = _label_pointer(tokenizer, match, gate)
     conversation = [
         {"role": "user", "content": P.detect(["cat", "dog"])},
-        {"role": "assistant", "content": TWO_SPANS},
+        {"role": "assistant", "content": WORDY_SPANS},
     ]
     batch = processor(conversation, images=image, boxes=BOXES)
     with torch.no_grad():
@@ -353,13 +369,19 @@ def test_region_pointer_label_adds_the_latest_closed_span_to_the_query(processor
     hidden = base.hidden_states[-1][0]  # (T, D): the stock model's last (normed) hidden states
     table = plain.get_input_embeddings().weight
     open_id, close_id = model.config.ground_token_ids
-    # The reference label by hand: each span's token embeddings, averaged and RMS-normalised.
+    # The reference label by hand: each span's token embeddings, averaged (weighted by the gate
+    # read from each token's hidden state) and RMS-normalised.
+    weights = torch.ones(len(ids))
+    if gate:
+        weights = torch.sigmoid(hidden @ model.region_label_gate.weight[0] + model.region_label_gate.bias)
+        assert weights.std() > 0.05  # the gate weighs tokens differently
     label, labels = None, torch.zeros_like(hidden)
     for t, token in enumerate(ids):
         if token == open_id:
             start = t
         elif token == close_id:
-            mean = table[ids[start + 1 : t]].mean(0)
+            inside = slice(start + 1, t)
+            mean = (table[ids[inside]] * weights[inside, None]).sum(0) / weights[inside].sum()
             label = mean / mean.pow(2).mean().sqrt()
         if label is not None:
             labels[t] = label
@@ -390,11 +412,14 @@ class _Force:
         return scores
 
 
-@pytest.mark.parametrize(("use_cache", "match"), [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize(
+    ("use_cache", "match", "gate"),
+    [(True, False, False), (False, False, False), (True, True, False), (True, True, True)],
+)
 def test_region_pointer_label_generation_matches_one_full_forward(
-    processor, tokenizer, image, use_cache, match
+    processor, tokenizer, image, use_cache, match, gate
 ):
-    _, model = _label_pointer(tokenizer, match)
+    _, model = _label_pointer(tokenizer, match, gate)
     batch = processor(P.detect(["cat", "dog"]), images=image, boxes=BOXES)
     width = batch["input_ids"].shape[1]
     forced = tokenizer.encode("<ground>cat</ground><objects><region1></objects><ground>dog</ground>")

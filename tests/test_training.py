@@ -404,10 +404,13 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
 MATCH = {"region_pointer": True, "region_pointer_label": True, "region_pointer_match": True}
 
 
-def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_logits(stage0, tmp_path):
-    """With ``match_weight`` the connector and ``region_match`` train too, and the perception's
-    word-match score is exactly what the model adds to ``<regionN>`` after
-    ``<ground>word</ground>`` when the pointer's own matrix is zero."""
+@pytest.mark.parametrize("train_aux", [True, False])
+def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_logits(
+    stage0, tmp_path, train_aux
+):
+    """With ``match_weight`` the connector and ``region_match`` train too (the auxiliary encoder
+    only with ``train_aux``), and the perception's word-match score is exactly what the model adds
+    to ``<regionN>`` after ``<ground>word</ground>`` when the pointer's own matrix is zero."""
     from vlm_fo1.training import perception
 
     data = tmp_path / "world"
@@ -419,10 +422,13 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
     model, processor = init_model(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = pretrain_region_perception(
-        model, processor, scenes, steps=6, batch_size=4, held_out=8, match_weight=1.0, progress=False
-    )
+        model, processor, scenes, steps=6, batch_size=4, held_out=8, match_weight=1.0, train_aux=train_aux,
+        progress=False,
+    )  # fmt: skip
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {"aux_encoder", "region_encoder", "connector", "region_match"}
+    assert changed == {"region_encoder", "connector", "region_match"} | (
+        {"aux_encoder"} if train_aux else set()
+    )
     assert 0.0 <= result.accuracy["match"] <= 1.0
 
     image, boxes, per_box = perception.read_scene_regions(scenes)[0]

@@ -349,11 +349,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         or args.stop_by_mass
         or args.suppress_overlap is not None
         or args.close_bias is not None
-        or args.unique_labels,
+        or args.unique_labels
+        or args.count_from_list,
         stop_by_mass=args.stop_by_mass,
         suppress_overlap=args.suppress_overlap,
         close_bias=args.close_bias or 0.0,
         unique_labels=args.unique_labels,
+        count_from_list=args.count_from_list,
         ranked=args.ranked,
         per_class=args.per_class,
         progress=not args.no_progress,
@@ -447,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--unique-labels",
         action="store_true",
         help="constrained, and ground each asked label in at most one segment of an answer",
+    )
+    evaluate.add_argument(
+        "--count-from-list",
+        action="store_true",
+        help="constrained, and a number written after </objects> is the count of the regions named",
     )
     evaluate.add_argument(
         "--ranked",

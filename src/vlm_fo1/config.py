@@ -81,6 +81,11 @@ class FO1Config(PreTrainedConfig):
             spliced in at its ``<regionfeat>``): ``+ ê_t · U r_N / sqrt(D)``, ``U``
             zero-initialised, a match of the asked words with the region's content that needs
             no language-model layer.
+        region_pointer_label_gate: not in the release; with ``region_pointer_label``, each
+            token of a ``<ground>`` span counts in the label with a weight read from the language
+            model's last hidden state at that token (``sigmoid(g · h_i + c)``, ``g`` and ``c``
+            zero-initialised, so it starts as the plain mean), so a label can keep the words
+            that name the target and drop the rest ("the square left of *the star*").
 
         max_regions: maximum number of boxes per image (the number of ``<regionN>`` tokens).
         region_feature_token / region_token_template: the placeholder and region name strings.
@@ -118,6 +123,7 @@ class FO1Config(PreTrainedConfig):
     region_pointer: bool = False
     region_pointer_label: bool = False
     region_pointer_match: bool = False
+    region_pointer_label_gate: bool = False
     max_regions: int = T.DEFAULT_MAX_REGIONS
     region_feature_token: str = T.REGION_FEATURE_TOKEN
     region_token_template: str = T.REGION_TOKEN_TEMPLATE
@@ -171,6 +177,8 @@ class FO1Config(PreTrainedConfig):
             raise ValueError("FO1Config.region_pointer_label needs region_pointer=True, got False")
         if self.region_pointer_match and not self.region_pointer_label:
             raise ValueError("FO1Config.region_pointer_match needs region_pointer_label=True, got False")
+        if self.region_pointer_label_gate and not self.region_pointer_label:
+            raise ValueError("FO1Config.region_pointer_label_gate needs region_pointer_label=True, got False")
         if self.region_pointer_label and self.ground_token_ids is None:
             raise ValueError("FO1Config.region_pointer_label needs ground_token_ids (<ground>, </ground>)")
         if self.ground_token_ids is not None and len(self.ground_token_ids) != 2:

@@ -51,6 +51,14 @@ release; only with ``labels``) keeps a label that a closed ``</ground>`` already
 later ``<ground>`` segments of the answer, and no ``<ground>`` opens once every label is used: a
 multi-class answer that would write one label twice must write another or end.
 
+A counting answer lists the objects and then writes their number
+(``<ground>stars</ground><objects><region0><region3></objects>2``), and a model can write a number
+other than the length of its own list. ``count_from_list=True`` (not in the release) makes a
+number written right after ``</objects>`` spell the count of distinct regions the answer has
+named so far: digit tokens there may only continue that count's decimal spelling, and once a
+digit is written the count must be finished. Nothing else changes (the answer may still write no
+number, or text).
+
 When the tokenizer does not hold the four grounding tags as single tokens, the grammar part is
 switched off (with a warning) and only the region-range and placeholder rules apply.
 """
@@ -73,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 # Byte-level BPE (Qwen) spells the whitespace bytes 9-13 and 32 as chr(256 + byte); "▁" is SentencePiece's space.
 _BLANK_CHARS = frozenset(chr(256 + b) for b in (9, 10, 11, 12, 13, 32)) | frozenset(" \t\n\r\x0b\x0c▁")
+_DIGITS = frozenset("0123456789")
 
 OUTSIDE, IN_GROUND, AFTER_GROUND, IN_OBJECTS, FINISHED = range(5)
 # Tokens still needed to close a segment from each state: `LABEL </ground> <objects> </objects>`.
@@ -94,6 +103,7 @@ class GrammarVocabulary:
         other_special_ids: ``<think>``-style tags, allowed outside segments but not in labels.
         blank_ids: tokens that spell only whitespace (they do not make a label non-empty).
         vocab_size: ids at or above this are never allowed.
+        digit_ids: ``(id, digits)`` of every token that spells only ASCII digits.
     """
 
     region_ids: tuple[int, ...]
@@ -104,6 +114,7 @@ class GrammarVocabulary:
     other_special_ids: tuple[int, ...]
     blank_ids: frozenset[int]
     vocab_size: int
+    digit_ids: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def from_processor(cls, processor: Any) -> GrammarVocabulary:
@@ -123,6 +134,7 @@ class GrammarVocabulary:
         banned = tuple(vocab[t] for t in T.CHAT_CONTROL_TOKENS if t in vocab and vocab[t] not in end_ids)
         other = tuple(vocab[t] for t in T.REASONING_TAGS if t in vocab)
         blank = frozenset(i for token, i in vocab.items() if token and set(token) <= _BLANK_CHARS)
+        digits = tuple(sorted((i, token) for token, i in vocab.items() if token and set(token) <= _DIGITS))
         return cls(
             region_ids=tuple(int(i) for i in processor.region_token_ids),
             region_feature_id=int(processor.region_feature_token_id),
@@ -132,6 +144,7 @@ class GrammarVocabulary:
             other_special_ids=other,
             blank_ids=blank,
             vocab_size=len(tokenizer),
+            digit_ids=digits,
         )
 
 
@@ -144,6 +157,8 @@ class _Row:
     label_started: bool = False  # a non-blank label token was emitted
     used: set[int] = field(default_factory=set)
     grounded: set[tuple[int, ...]] = field(default_factory=set)  # labels closed by </ground> so far
+    named: set[int] = field(default_factory=set)  # regions named in the answer so far (every group)
+    number: str | None = None  # digits written right after the latest </objects> (None: not there)
 
 
 class GroundingConstraint(LogitsProcessor):
@@ -166,6 +181,8 @@ class GroundingConstraint(LogitsProcessor):
         close_bias: added to the logit of ``</objects>`` inside ``<objects>`` (module docstring).
         unique_labels: with ``labels`` / ``row_labels``, each label may open one ``<ground>``
             segment per answer (module docstring); no effect on free label text.
+        count_from_list: a number written right after ``</objects>`` is the count of distinct
+            regions named so far (module docstring).
         boxes: per sample, its ``(N_b, 4)`` xyxy boxes (any one coordinate frame), ``N_b`` its
             region count.
 
@@ -188,6 +205,7 @@ class GroundingConstraint(LogitsProcessor):
         suppress_overlap: float | None = None,
         close_bias: float = 0.0,
         unique_labels: bool = False,
+        count_from_list: bool = False,
         boxes: Sequence[Any] | None = None,
     ) -> None:
         counts = region_counts.tolist() if isinstance(region_counts, torch.Tensor) else list(region_counts)
@@ -204,6 +222,8 @@ class GroundingConstraint(LogitsProcessor):
         self.unique_regions = unique_regions
         self.stop_by_mass = stop_by_mass
         self.unique_labels = unique_labels
+        self.count_from_list = count_from_list
+        self._digits = dict(vocabulary.digit_ids)
         self.close_bias = check_close_bias(close_bias)
         if labels is not None and row_labels is not None:
             raise ValueError(
@@ -341,6 +361,9 @@ class GroundingConstraint(LogitsProcessor):
         if v.tags is None:
             return
         ground_open, ground_close, objects_open, objects_close = v.tags
+        if row.state == OUTSIDE:
+            digits = self._digits.get(token)
+            row.number = None if row.number is None or digits is None else row.number + digits
         if row.state == OUTSIDE and token == ground_open:
             row.state, row.label, row.label_started = IN_GROUND, [], False
         elif row.state == IN_GROUND:
@@ -354,9 +377,10 @@ class GroundingConstraint(LogitsProcessor):
             row.state, row.used = IN_OBJECTS, set()
         elif row.state == IN_OBJECTS:
             if token == objects_close:
-                row.state = OUTSIDE
+                row.state, row.number = OUTSIDE, ""
             elif token in self._region_index:
                 row.used.add(self._region_index[token])
+                row.named.add(self._region_index[token])
 
     def _row_samples(self, rows: int) -> list[int]:
         """Sample index of each row; beam search repeats each sample's row ``rows / B`` times."""
@@ -407,8 +431,25 @@ class GroundingConstraint(LogitsProcessor):
                         out[b, self.vocabulary.tags[3]] += self.close_bias
                     if self.stop_by_mass:
                         allowed = self._by_mass(out[b], allowed)
+                if self.count_from_list and row.state == OUTSIDE and row.number is not None:
+                    allowed = self._count_digits(allowed, row)
                 out[b] = out[b].masked_fill(~allowed, float("-inf"))
         return out
+
+    def _count_digits(self, allowed: torch.Tensor, row: _Row) -> torch.Tensor:
+        """``allowed`` ``(V,)`` with the digit tokens that do not continue the spelling of the
+        row's count removed, and only those left while a started count is unfinished."""
+        count, written = str(len(row.named)), row.number or ""
+        digit_ids = [token for token in self._digits if token < allowed.shape[0]]
+        fitting = [token for token in digit_ids if count.startswith(written + self._digits[token])]
+        if written and written != count and count.startswith(written):
+            finish = torch.zeros_like(allowed)
+            finish[fitting] = True
+            return finish
+        allowed = allowed.clone()
+        allowed[digit_ids] = False
+        allowed[fitting] = True
+        return allowed
 
     def _by_mass(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """``allowed`` ``(V,)`` narrowed to ``</objects>`` or to the regions, whichever side's

@@ -4,10 +4,11 @@
 contains, takes the simulated proposal network's boxes for it, and asks the demo checkpoint to
 detect every class, count the most frequent one and ground a referring expression. It prints the
 answers next to the scene's ground truth and writes an annotated PNG. Nothing is downloaded.
-Detection asks about every class in one question, as the release does, with two decoder options
-that are not in the release: each asked label grounded once (``unique_labels``) and the duplicate
-boxes of a named object not offered again (``suppress_overlap=0.5``); the miniature benchmark
-measures both (benchmarks/RESULTS.md).
+Detection asks about every class in one question, as the release does, with three decoder options
+that are not in the release: each asked label grounded once (``unique_labels``), the duplicate
+boxes of a named object not offered again (``suppress_overlap=0.5``) and a count that is the
+length of the listed regions (``count_from_list``); the miniature benchmark measures them
+(benchmarks/RESULTS.md).
 
 The checkpoint (``vlm_fo1/assets/demo``, under 20 MB) was trained by the commands in
 ``configs/miniature/README.md``; :func:`demo_checkpoint` says how to rebuild it when it is missing.
@@ -187,7 +188,12 @@ def run_demo(
     scene, proposals = build_scene(seed, DEMO_SPLIT, 0, scene_config, proposal_config)
     proposer = SyntheticProposer([scene], proposal_config, proposals=[proposals])
     predictor = Predictor.from_pretrained(
-        folder, proposer, device=device, unique_labels=True, suppress_overlap=DEMO_SUPPRESS_OVERLAP
+        folder,
+        proposer,
+        device=device,
+        unique_labels=True,
+        suppress_overlap=DEMO_SUPPRESS_OVERLAP,
+        count_from_list=True,
     )
     predictor.set_image(scene.image)
 

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -152,3 +153,27 @@ def tiny_model_and_processor(
     tokenizer = tiny_tokenizer()
     config = tiny_config(tokenizer, **config_overrides)
     return tiny_model(config, seed=seed), tiny_processor(tokenizer, config)
+
+
+@contextmanager
+def bias_after_token(model: FO1ForConditionalGeneration, token_id: int, bias: torch.Tensor) -> Iterator[None]:
+    """Within the block, add ``bias`` ``(V,)`` to the next-token logits of the rows whose newest
+    input token is ``token_id`` (cached generation: one new token per row and step)."""
+    newest: list[torch.Tensor] = []
+
+    def remember(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        newest[:] = [kwargs["input_ids"][:, -1]]
+
+    def add(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        rows = (newest[0] == token_id).to(out.dtype)[:, None, None]
+        return out + rows * bias.to(out.device, out.dtype)
+
+    hooks = [
+        model.register_forward_pre_hook(remember, with_kwargs=True),
+        model.get_output_embeddings().register_forward_hook(add),
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

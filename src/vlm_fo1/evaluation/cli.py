@@ -38,6 +38,7 @@ def run_eval(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     unique_labels: bool = False,
+    count_from_list: bool = False,
     ranked: bool = False,
     per_class: bool = False,
     dtype: torch.dtype | None = None,
@@ -52,7 +53,8 @@ def run_eval(
         limit: evaluate only the first ``limit`` records.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; None or ``auto``: CUDA when available.
         confidence / constrained / stop_by_mass / suppress_overlap / close_bias / unique_labels /
-            ranked / per_class / batch_size / max_new_tokens / progress: see :func:`evaluate`.
+            count_from_list / ranked / per_class / batch_size / max_new_tokens / progress: see
+            :func:`evaluate`.
         dtype: model dtype (None: as stored).
 
     Raises:
@@ -87,6 +89,7 @@ def run_eval(
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
         unique_labels=unique_labels,
+        count_from_list=count_from_list,
         ranked=ranked,
         per_class=per_class,
         progress=progress,

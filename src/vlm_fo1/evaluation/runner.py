@@ -139,6 +139,7 @@ def generate_answers(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     unique_labels: bool = False,
+    count_from_list: bool = False,
 ) -> list[GeneratedAnswer]:
     """One batch: encode, generate greedily with logits, decode; raises on any failure.
 
@@ -148,7 +149,8 @@ def generate_answers(
     ``</objects>`` on total probabilities; ``suppress_overlap``: once a box is named, boxes
     overlapping it by more IoU are not offered in that group; ``close_bias``: added to the logit
     of ``</objects>`` inside ``<objects>``; ``unique_labels``: each asked label grounded in at most
-    one segment of an answer (see ``vlm_fo1.decoding``).
+    one segment of an answer; ``count_from_list``: a number written after ``</objects>`` is the
+    count of the regions named (see ``vlm_fo1.decoding``).
     """
     conversations = [record.prompt_messages() for record in records]
     images = [record.image_path(image_root) for record in records]
@@ -168,6 +170,7 @@ def generate_answers(
             suppress_overlap=suppress_overlap,
             close_bias=close_bias,
             unique_labels=unique_labels,
+            count_from_list=count_from_list,
             boxes=[sample.boxes for sample in samples],
         )
         processors = LogitsProcessorList([constraint])
@@ -274,6 +277,7 @@ def evaluate(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     unique_labels: bool = False,
+    count_from_list: bool = False,
     ranked: bool = False,
     per_class: bool = False,
     progress: bool = True,
@@ -299,6 +303,9 @@ def evaluate(
             ``<objects>`` (``vlm_fo1.decoding``; not in the release; 0: off; > 0: fewer regions).
         unique_labels: under the constraint, each asked label opens at most one ``<ground>``
             segment of an answer (``vlm_fo1.decoding``; not in the release).
+        count_from_list: under the constraint, a number written right after ``</objects>`` is
+            the count of distinct regions the answer named (``vlm_fo1.decoding``; not in the
+            release).
         ranked: also rank every region of each (multi-)detection record for each asked label
             (:func:`vlm_fo1.ranking.rank_queries`, ``batch_size`` records at a time) and report the
             ranking's mAP as ``detection/mAP@ranked`` and ``detection/mAP@ranked_product``.
@@ -342,6 +349,7 @@ def evaluate(
             suppress_overlap=suppress_overlap,
             close_bias=close_bias,
             unique_labels=unique_labels,
+            count_from_list=count_from_list,
         )
         asked, owners = (
             per_class_records(records) if per_class else (records, [[i] for i in range(len(records))])
@@ -367,6 +375,7 @@ def evaluate(
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
         unique_labels=unique_labels,
+        count_from_list=count_from_list,
         ranked=ranked,
         per_class=per_class,
         seconds=round(time.perf_counter() - start, 3),

@@ -104,6 +104,9 @@ class Predictor:
             fewer regions). The model probabilities of the detections then include it.
         unique_labels: under the grammar, each label asked in ``detect`` / ``count`` opens at
             most one ``<ground>`` segment of an answer (``vlm_fo1.decoding``; not in the release).
+        count_from_list: under the grammar, a number written right after ``</objects>`` (the
+            count of a ``count`` answer) is the number of distinct regions the answer named
+            (``vlm_fo1.decoding``; not in the release).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Predictor:
         suppress_overlap: float | None = None,
         close_bias: float = 0.0,
         unique_labels: bool = False,
+        count_from_list: bool = False,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -136,6 +140,7 @@ class Predictor:
         self.suppress_overlap = check_suppress_overlap(suppress_overlap)
         self.close_bias = check_close_bias(close_bias)
         self.unique_labels = unique_labels
+        self.count_from_list = count_from_list
         self.vocabulary = GrammarVocabulary.from_processor(processor)
         self._state: ImageState | None = None
 
@@ -286,6 +291,7 @@ class Predictor:
                 suppress_overlap=self.suppress_overlap,
                 close_bias=self.close_bias,
                 unique_labels=self.unique_labels,
+                count_from_list=self.count_from_list,
                 boxes=[sample.boxes for sample in batch.samples],
             )
             processors = LogitsProcessorList([constraint])

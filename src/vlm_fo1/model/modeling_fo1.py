@@ -86,6 +86,7 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         )
         self.region_pointer = nn.Linear(hidden, hidden, bias=False) if config.region_pointer else None
         self.region_match = nn.Linear(hidden, hidden, bias=False) if config.region_pointer_match else None
+        self.region_label_gate = nn.Linear(hidden, 1) if config.region_pointer_label_gate else None
 
         self.post_init()
 
@@ -93,6 +94,9 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if module is getattr(self, "region_pointer", None) or module is getattr(self, "region_match", None):
             nn.init.zeros_(module.weight)  # starts as the plain LM head
+        if module is getattr(self, "region_label_gate", None):
+            nn.init.zeros_(module.weight)  # every span token weighs sigmoid(0): the plain mean
+            nn.init.zeros_(module.bias)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -427,11 +431,15 @@ class FO1ForConditionalGeneration(FO1PreTrainedModel, GenerationMixin):
         self, input_ids: torch.Tensor | None, hidden: torch.Tensor, state: LabelSpanState | None
     ) -> tuple[torch.Tensor, LabelSpanState]:
         """The labels ``ê_t`` ``(B, T, D)`` of the pointer queries (see ``model.label_spans``) and the
-        span state after this forward's tokens."""
+        span state after this forward's tokens; with ``region_pointer_label_gate`` each token's
+        embedding is weighted by ``sigmoid(g · h_i + c)`` from ``hidden`` ``(B, T, D)`` (the label
+        is RMS-normalised, so the weights' scale does not matter, only their ratios)."""
         if input_ids is None:
             raise ValueError("region_pointer_label reads the <ground> spans from input_ids, got None")
         open_id, close_id = self.config.ground_token_ids
         embeddings = self.get_input_embeddings()(input_ids)
+        if self.region_label_gate is not None:
+            embeddings = embeddings.to(hidden.dtype) * torch.sigmoid(self.region_label_gate(hidden))
         labels, _, state = track_label_spans(input_ids, embeddings, open_id, close_id, state)
         return labels.to(hidden.dtype), state
 

@@ -133,6 +133,9 @@ class Recipe:
     perception_position_weight: float = 0.0
     """Weight of region perception's position words: which half of the image each object lies in
     (``position_weight`` of :func:`pretrain_region_perception`; 0: not asked)."""
+    perception_train_aux: bool = True
+    """Train the auxiliary encoder in region perception (False: it stays as its dense
+    pretraining left it, and perception skips its backward pass)."""
     stage1_steps: int = 150
     freeze_aux: bool = True
     """Keep the auxiliary encoder as region perception left it through stages 1 and 2 (the paper
@@ -451,7 +454,8 @@ def perceive(
         model, processor, scenes, steps=recipe.perception_steps, batch_size=recipe.batch_size, seed=seed,
         align_weight=recipe.perception_align_weight, match_weight=recipe.perception_match_weight,
         match_lr_scale=recipe.perception_match_lr_scale,
-        position_weight=recipe.perception_position_weight, progress=progress,
+        position_weight=recipe.perception_position_weight, train_aux=recipe.perception_train_aux,
+        progress=progress,
     )  # fmt: skip
     logger.info("region perception pretraining: %s", result.to_json())
     out = Path(out)
@@ -580,6 +584,7 @@ def evaluate_checkpoint(
     suppress_overlap: float | None = None,
     close_bias: float = 0.0,
     unique_labels: bool = False,
+    count_from_list: bool = False,
     ranked: bool = False,
     per_class: bool = False,
     out: str | Path | None = None,
@@ -587,9 +592,9 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Metrics of a checkpoint on a record file (first ``limit`` records; ``constrained``: decode
     as the Predictor does; ``stop_by_mass`` / ``suppress_overlap`` / ``close_bias`` /
-    ``unique_labels``: the decoder's options, not in the release; ``per_class``: multi-class
-    detection asked one class at a time, not in the release); the report is written to ``out``
-    (default: next to the checkpoint)."""
+    ``unique_labels`` / ``count_from_list``: the decoder's options, not in the release;
+    ``per_class``: multi-class detection asked one class at a time, not in the release); the
+    report is written to ``out`` (default: next to the checkpoint)."""
     from vlm_fo1.evaluation.cli import run_eval
 
     name = (
@@ -597,6 +602,7 @@ def evaluate_checkpoint(
         f"{'_constrained' if constrained else ''}{'_mass' if stop_by_mass else ''}"
         f"{'' if suppress_overlap is None else f'_suppress{suppress_overlap:g}'}"
         f"{f'_close{close_bias:g}' if close_bias else ''}{'_unique' if unique_labels else ''}"
+        f"{'_count' if count_from_list else ''}"
         f"{'_ranked' if ranked else ''}{'_per_class' if per_class else ''}.json"
     )
     target = Path(out) if out is not None else Path(model_dir) / name
@@ -612,6 +618,7 @@ def evaluate_checkpoint(
         suppress_overlap=suppress_overlap,
         close_bias=close_bias,
         unique_labels=unique_labels,
+        count_from_list=count_from_list,
         ranked=ranked,
         per_class=per_class,
         progress=progress,

@@ -244,9 +244,14 @@ class _WordMatch(nn.Module):
 
 
 def _region_features(
-    model: FO1ForConditionalGeneration, processor: FO1Processor, images: list[Image.Image], boxes: list[list]
+    model: FO1ForConditionalGeneration,
+    processor: FO1Processor,
+    images: list[Image.Image],
+    boxes: list[list],
+    train_aux: bool = True,
 ) -> tuple[list[int], torch.Tensor]:
-    """Boxes per image and region-encoder outputs ``(ΣN, width)`` (ViT frozen)."""
+    """Boxes per image and region-encoder outputs ``(ΣN, width)`` (ViT frozen; the auxiliary
+    encoder too unless ``train_aux``)."""
     prompt = [{"role": "user", "content": P.detect("object")}]
     batch = processor([prompt] * len(images), images=images, boxes=boxes)
     counts = batch["region_counts"].tolist()
@@ -255,7 +260,8 @@ def _region_features(
     maps = encoding.feature_maps
     aux = None
     if model.aux_encoder is not None:
-        aux = encode_aux(model.aux_encoder, batch["aux_pixel_values"])
+        with torch.set_grad_enabled(train_aux and torch.is_grad_enabled()):
+            aux = encode_aux(model.aux_encoder, batch["aux_pixel_values"])
     return counts, model.region_encoder(
         vit_features=[m.features for m in maps] if maps else None,
         vit_stride=maps[0].stride if maps else 1.0,
@@ -354,6 +360,7 @@ def pretrain_region_perception(
     match_weight: float = 0.0,
     match_lr_scale: float = 1.0,
     position_weight: float = 0.0,
+    train_aux: bool = True,
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -384,6 +391,8 @@ def pretrain_region_perception(
             "rightmost" …), so that the match score of an expression such as "the leftmost star"
             grows towards its side; the mean of those problems' losses counts this many times
             beside the mean of the others (default 0: not asked).
+        train_aux: train the auxiliary encoder as well (False: it stays as it came, and its
+            forward pass runs without gradients, which saves its backward pass).
 
     Raises:
         ValueError: for non-positive sizes or a file without usable scenes, a non-positive
@@ -409,7 +418,7 @@ def pretrain_region_perception(
     trainable = [*model.region_encoder.parameters()]
     if align_weight > 0 or match is not None:
         trainable += [*model.connector.parameters()]
-    if model.aux_encoder is not None:
+    if model.aux_encoder is not None and train_aux:
         trainable += [*model.aux_encoder.parameters()]
     groups = [{"params": [*trainable, *heads.parameters()], "lr": lr}]
     if match is not None:
@@ -435,7 +444,7 @@ def pretrain_region_perception(
 
     def batch_loss() -> torch.Tensor:
         images, boxes, targets = load(rng.sample(train_scenes, min(batch_size, len(train_scenes))))
-        counts, features = _region_features(model, processor, images, boxes)
+        counts, features = _region_features(model, processor, images, boxes, train_aux)
         logits = heads(features)
         loss = sum(F.cross_entropy(logits[name], targets[name]) for name in ATTRIBUTES)
         if align_weight > 0:

@@ -23,7 +23,14 @@ from vlm_fo1.prompting import tokens as T
 
 logger = logging.getLogger(__name__)
 
-REGION_SIDE = ("aux_encoder", "region_encoder", "connector", "region_pointer", "region_match")
+REGION_SIDE = (
+    "aux_encoder",
+    "region_encoder",
+    "connector",
+    "region_pointer",
+    "region_match",
+    "region_label_gate",
+)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
