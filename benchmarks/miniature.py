@@ -201,7 +201,9 @@ def _run_arm(
         unique = dict(limit=limit, constrained=True, suppress_overlap=SUPPRESS_IOU, unique_labels=True)
         result["val_unique"] = evaluate_checkpoint(final, val, **unique)
         result["val_unique_count"] = evaluate_checkpoint(final, val, count_from_list=True, **unique)
-        result["val_unique_close"] = evaluate_checkpoint(final, val, close_bias=CLOSE_BIAS, **unique)
+        result["val_unique_close"] = evaluate_checkpoint(
+            final, val, close_bias=CLOSE_BIAS, count_from_list=True, **unique
+        )
     if arm == "hybrid":
         result["recall"] = {
             str(r): evaluate_checkpoint(final, path, constrained=True)["detection/mAP50"]
@@ -290,9 +292,10 @@ def report(results: dict[str, Any]) -> str:
         "val_unique_count": "the same with `count_from_list` as well (a count written after `</objects>` is "
         f"the number of regions listed; `unique_labels`, `suppress_overlap={SUPPRESS_IOU}`, "
         "`count_from_list`; the decoding the demo uses):",
-        "val_unique_close": f"`unique_labels` and `suppress_overlap={SUPPRESS_IOU}` with `close_bias="
-        f"{CLOSE_BIAS:g}` (`</objects>` +{CLOSE_BIAS:g} inside `<objects>`: another region only while it "
-        "is e times as likely as closing):",
+        "val_unique_close": f"the same with `close_bias={CLOSE_BIAS:g}` as well (`</objects>` "
+        f"+{CLOSE_BIAS:g} inside `<objects>`: another region only while it is e times as likely as "
+        f"closing; `unique_labels`, `suppress_overlap={SUPPRESS_IOU}`, `count_from_list`, "
+        f"`close_bias={CLOSE_BIAS:g}`):",
     }
     for split, title in optional.items():
         if any(split in r for r in arms):

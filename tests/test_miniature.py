@@ -428,3 +428,10 @@ def test_pretrain_aux_command_and_perceive_from_its_weights(world, tmp_path, cap
     again = tmp_path / "again"
     assert main([*perceive[:3], str(again), *perceive[4:], "--aux-from", str(weights), "--no-progress"]) == 0
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # --aux-frozen: the encoder's first children (here all of them) keep the given weights.
+    kept = tmp_path / "kept"
+    assert (
+        main([*perceive[:3], str(kept), *perceive[4:], "--aux-from", str(weights), "--aux-frozen", "99"]) == 0
+    )
+    frozen = FO1ForConditionalGeneration.from_pretrained(kept).aux_encoder.state_dict()
+    assert all(torch.equal(v, pretrained[k].to(v.dtype)) for k, v in frozen.items())

@@ -404,13 +404,14 @@ def test_region_perception_trains_only_the_region_side_and_learns_colour(stage0,
 MATCH = {"region_pointer": True, "region_pointer_label": True, "region_pointer_match": True}
 
 
-@pytest.mark.parametrize("train_aux", [True, False])
+@pytest.mark.parametrize("aux_frozen", [0, 3, 99])
 def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_logits(
-    stage0, tmp_path, train_aux
+    stage0, tmp_path, aux_frozen
 ):
     """With ``match_weight`` the connector and ``region_match`` train too (the auxiliary encoder
-    only with ``train_aux``), and the perception's word-match score is exactly what the model adds
-    to ``<regionN>`` after ``<ground>word</ground>`` when the pointer's own matrix is zero."""
+    but its first ``aux_frozen`` children), and the perception's word-match score is exactly what
+    the model adds to ``<regionN>`` after ``<ground>word</ground>`` when the pointer's own matrix
+    is zero."""
     from vlm_fo1.training import perception
 
     data = tmp_path / "world"
@@ -422,13 +423,18 @@ def test_region_perception_word_match_trains_the_score_the_model_adds_to_region_
     model, processor = init_model(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = pretrain_region_perception(
-        model, processor, scenes, steps=6, batch_size=4, held_out=8, match_weight=1.0, train_aux=train_aux,
+        model, processor, scenes, steps=6, batch_size=4, held_out=8, match_weight=1.0, aux_frozen=aux_frozen,
         progress=False,
     )  # fmt: skip
-    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {"region_encoder", "connector", "region_match"} | (
-        {"aux_encoder"} if train_aux else set()
-    )
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n.split(".")[0] for n in moved} - {"aux_encoder"} == {
+        "region_encoder",
+        "connector",
+        "region_match",
+    }
+    children = [name for name, _ in model.aux_encoder.named_children()]
+    aux_moved = {n.split(".")[1] for n in moved if n.startswith("aux_encoder.")}
+    assert aux_moved == set(children[aux_frozen:])  # the first aux_frozen children stay as they came
     assert 0.0 <= result.accuracy["match"] <= 1.0
 
     image, boxes, per_box = perception.read_scene_regions(scenes)[0]

@@ -95,6 +95,7 @@ def _cmd_perceive(args: argparse.Namespace) -> int:
         perception_align_weight=args.align_weight,
         perception_match_weight=args.match_weight,
         perception_match_lr_scale=args.match_lr_scale,
+        perception_aux_frozen=args.aux_frozen,
     )
     out = perceive(
         args.base,
@@ -517,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="learning-rate multiplier of the label-region match's own parameters (the recipe's by default)",
+    )
+    perceive.add_argument(
+        "--aux-frozen",
+        type=int,
+        default=None,
+        metavar="N",
+        help="leave the first N child modules of the auxiliary encoder (stem, stages) untrained (the recipe's by default)",
     )
     perceive.add_argument("--region-source", choices=["hybrid", "vit", "aux"], default="hybrid")
     perceive.add_argument(

@@ -244,14 +244,9 @@ class _WordMatch(nn.Module):
 
 
 def _region_features(
-    model: FO1ForConditionalGeneration,
-    processor: FO1Processor,
-    images: list[Image.Image],
-    boxes: list[list],
-    train_aux: bool = True,
+    model: FO1ForConditionalGeneration, processor: FO1Processor, images: list[Image.Image], boxes: list[list]
 ) -> tuple[list[int], torch.Tensor]:
-    """Boxes per image and region-encoder outputs ``(ΣN, width)`` (ViT frozen; the auxiliary
-    encoder too unless ``train_aux``)."""
+    """Boxes per image and region-encoder outputs ``(ΣN, width)`` (ViT frozen)."""
     prompt = [{"role": "user", "content": P.detect("object")}]
     batch = processor([prompt] * len(images), images=images, boxes=boxes)
     counts = batch["region_counts"].tolist()
@@ -260,8 +255,7 @@ def _region_features(
     maps = encoding.feature_maps
     aux = None
     if model.aux_encoder is not None:
-        with torch.set_grad_enabled(train_aux and torch.is_grad_enabled()):
-            aux = encode_aux(model.aux_encoder, batch["aux_pixel_values"])
+        aux = encode_aux(model.aux_encoder, batch["aux_pixel_values"])
     return counts, model.region_encoder(
         vit_features=[m.features for m in maps] if maps else None,
         vit_stride=maps[0].stride if maps else 1.0,
@@ -360,7 +354,7 @@ def pretrain_region_perception(
     match_weight: float = 0.0,
     match_lr_scale: float = 1.0,
     position_weight: float = 0.0,
-    train_aux: bool = True,
+    aux_frozen: int = 0,
     progress: bool = True,
 ) -> PerceptionResult:
     """Train ``model``'s auxiliary encoder and region encoder in place (see the module docstring).
@@ -391,17 +385,21 @@ def pretrain_region_perception(
             "rightmost" …), so that the match score of an expression such as "the leftmost star"
             grows towards its side; the mean of those problems' losses counts this many times
             beside the mean of the others (default 0: not asked).
-        train_aux: train the auxiliary encoder as well (False: it stays as it came, and its
-            forward pass runs without gradients, which saves its backward pass).
+        aux_frozen: the first ``aux_frozen`` child modules of the auxiliary encoder (timm's
+            order: the stem, then the stages) stay as they came; the backward pass stops before
+            them, which saves their share of it (0: the whole encoder trains; its number of
+            children or more: none of it).
 
     Raises:
         ValueError: for non-positive sizes or a file without usable scenes, a non-positive
-            ``match_lr_scale`` or a negative ``position_weight``.
+            ``match_lr_scale``, a negative ``position_weight`` or ``aux_frozen``.
     """
     if not match_lr_scale > 0:
         raise ValueError(f"match_lr_scale must be > 0, got {match_lr_scale!r}")
     if not 0 <= position_weight < math.inf:
         raise ValueError(f"position_weight must be a finite number >= 0, got {position_weight!r}")
+    if not isinstance(aux_frozen, int) or isinstance(aux_frozen, bool) or aux_frozen < 0:
+        raise ValueError(f"aux_frozen must be an int >= 0, got {aux_frozen!r}")
     start = time.perf_counter()
     root = Path(image_root) if image_root is not None else Path(scenes_path).parent
     scenes = read_scene_regions(scenes_path)
@@ -418,8 +416,8 @@ def pretrain_region_perception(
     trainable = [*model.region_encoder.parameters()]
     if align_weight > 0 or match is not None:
         trainable += [*model.connector.parameters()]
-    if model.aux_encoder is not None and train_aux:
-        trainable += [*model.aux_encoder.parameters()]
+    if model.aux_encoder is not None:
+        trainable += [p for child in [*model.aux_encoder.children()][aux_frozen:] for p in child.parameters()]
     groups = [{"params": [*trainable, *heads.parameters()], "lr": lr}]
     if match is not None:
         matching = [*model.region_match.parameters(), match.none]
@@ -444,7 +442,7 @@ def pretrain_region_perception(
 
     def batch_loss() -> torch.Tensor:
         images, boxes, targets = load(rng.sample(train_scenes, min(batch_size, len(train_scenes))))
-        counts, features = _region_features(model, processor, images, boxes, train_aux)
+        counts, features = _region_features(model, processor, images, boxes)
         logits = heads(features)
         loss = sum(F.cross_entropy(logits[name], targets[name]) for name in ATTRIBUTES)
         if align_weight > 0:
