@@ -1,6 +1,6 @@
 """The miniature reproduction of VLM-FO1's claims on 2 CPU cores (issue: training and evaluation).
 
-    python benchmarks/miniature.py                      # every arm, seeds 0 and 1 (~45-65 min on 2 cores)
+    python benchmarks/miniature.py                      # every arm, seeds 0 and 1 (~40-60 min on 2 cores)
     python benchmarks/miniature.py --scale 0.25 --seeds 0   # a quick look
     python benchmarks/miniature.py --demo-only          # just the demo checkpoint (hybrid, seed 0)
 
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "--all-decodings",
         action="store_true",
         help="evaluate every arm raw and with every decoder option too (stop_by_mass, "
-        "suppress_overlap, close_bias, per_class; default: the hybrid arm without stop_by_mass; "
-        "~2 min per arm)",
+        "suppress_overlap, per_class, unique_labels, count_from_list, close_bias; default: the "
+        "hybrid arm without stop_by_mass; ~2 min per arm)",
     )
     parser.add_argument(
         "--demo-only", action="store_true", help="train hybrid seed 0 and install it as the demo"
