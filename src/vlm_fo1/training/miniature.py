@@ -138,8 +138,8 @@ class Recipe:
     """Child modules of the auxiliary encoder (stem, stages …) that region perception leaves as
     dense pretraining made them, from the first (``aux_frozen`` of
     :func:`pretrain_region_perception`; 0: all of it trains; 5: the miniature DaViT's stem and
-    four stages, all of it). Frozen, perception skips the DaViT's backward pass: 320 s instead
-    of 470-500 s per hybrid arm, and with the label gate hybrid seeds 0 / 1 reached a
+    four stages, all of it). Frozen, perception skips the DaViT's backward pass: 250-285 s
+    instead of 470-500 s per hybrid arm in the benchmark, and with the label gate hybrid seeds 0 / 1 reached a
     false-positive rate of 0.008 / 0.016 against 0.056 / 0.048 with it trained, REC 0.783 /
     0.858 against 0.849 / 0.821 (unique labels, suppress 0.5, count from list; docs/training.md)."""
     stage1_steps: int = 150
